@@ -1,0 +1,340 @@
+"""Configuration: defaults -> YAML file (--config) -> GPUPHASE_* environment -> command-line flags.
+
+Every setting is declared once in OPTIONS (flag name, dataclass field, default, parser, help);
+the CLI, the YAML keys and the environment variables are all derived from it, and the result is
+merged once into the frozen Config. Errors name where the bad value came from: the file and line,
+the environment variable, or the flag.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Iterable, Mapping
+
+import yaml
+
+ENV_PREFIX = "GPUPHASE_"
+MIN_SAMPLE_INTERVAL = 0.1
+
+
+class ConfigError(ValueError):
+    """A setting is wrong. The message says where it came from and why; the agent exits with it."""
+
+
+# --- value parsers: each takes a YAML/env/flag value and returns the typed value or raises ValueError
+
+
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from 1.5, '1.5', '500ms', '2s', '5m' or '1h'."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as 1s or 500ms, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"expected a duration such as 1s or 500ms, got {value!r}")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds < 0:
+        raise ValueError(f"a duration cannot be negative, got {value!r}")
+    return seconds
+
+
+def parse_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    try:
+        number = int(str(value).strip()) if not isinstance(value, int) else value
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {value!r}") from None
+    if number < 0:
+        raise ValueError(f"expected a number >= 0, got {number}")
+    return number
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from 4194304, '4MiB', '512KiB', '1GiB'."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return parse_int(value)
+    match = re.match(r"^\s*([0-9]+)\s*(B|KiB|MiB|GiB)?\s*$", str(value))
+    if not match:
+        raise ValueError(f"expected a size such as 4MiB or 65536, got {value!r}")
+    scale = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, None: 1}[match.group(2)]
+    return int(match.group(1)) * scale
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def parse_str(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    return "" if value is None else str(value)
+
+
+def choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = parse_str(value)
+        if text not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}, got {text!r}")
+        return text
+
+    return parse
+
+
+def parse_listen_address(value: Any) -> str:
+    """host:port, :port (all interfaces), [v6]:port, or '' (disabled)."""
+    text = parse_str(value).strip()
+    if text == "":
+        return ""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port such as 127.0.0.1:4317 or :9842, got {text!r}")
+    return text
+
+
+def parse_phase_map(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """SERVICE=GPUS entries; GPUS are indices or UUIDs, comma-separated. A list or one string."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for item in items:
+        text = parse_str(item).strip()
+        service, sep, gpus = text.partition("=")
+        gpu_list = tuple(g.strip() for g in gpus.split(",") if g.strip())
+        if not sep or not service.strip() or not gpu_list:
+            raise ValueError(f"expected SERVICE=GPUS such as vllm=0,1 or vllm=GPU-xxxx, got {text!r}")
+        out.append((service.strip(), gpu_list))
+    return tuple(out)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """('' means all interfaces) -> (host, port) for socket binding."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    return host, int(port)
+
+
+# --- the option table ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str  # without the leading --, e.g. "web.listen-address"
+    field: str  # Config field
+    default: Any
+    parse: Callable[[Any], Any]
+    help: str
+    multiple: bool = False
+    is_flag: bool = False
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + re.sub(r"[.\-]", "_", self.flag).upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("web.listen-address", "web_listen_address", ":9842", parse_listen_address,
+           "Address for /metrics, /-/healthy and /-/ready (':9842' = all interfaces)."),
+    Option("web.config.file", "web_config_file", "", parse_str,
+           "Exporter-toolkit web config (TLS, basic auth) for the metrics and OTLP HTTP endpoints."),
+    Option("web.telemetry-path", "web_telemetry_path", "/metrics", parse_str, "Path of the metrics endpoint."),
+    Option("backend", "backend", "auto", choice("auto", "nvml", "sim"),
+           "Where GPU data comes from. auto = NVML; never falls back to simulated data."),
+    Option("sim.gpus", "sim_gpus", 2, parse_int, "Number of simulated GPUs (backend sim)."),
+    Option("sim.profile", "sim_profile", "h100-sxm-80gb", parse_str,
+           "Simulated GPU model: h100-sxm-80gb (GPM) or a100-sxm-80gb (no GPM)."),
+    Option("sim.seed", "sim_seed", 0, parse_int, "Seed of the simulator's noise (reproducible runs)."),
+    Option("sample.interval", "sample_interval", 1.0, parse_duration,
+           "Sampling period of the NVML counters (minimum 100ms)."),
+    Option("sample.timeout", "sample_timeout", 5.0, parse_duration,
+           "A GPU whose reading takes longer is reported gpu_up 0 until it answers again."),
+    Option("nvml.wait", "nvml_wait", False, parse_bool,
+           "Keep retrying when the NVIDIA driver is not (yet) loaded instead of exiting.", is_flag=True),
+    Option("otlp.grpc-listen-address", "otlp_grpc_listen_address", "127.0.0.1:4317", parse_listen_address,
+           "OTLP/gRPC trace receiver address; empty disables."),
+    Option("otlp.http-listen-address", "otlp_http_listen_address", "127.0.0.1:4318", parse_listen_address,
+           "OTLP/HTTP trace receiver address (POST /v1/traces); empty disables."),
+    Option("otlp.max-request-size", "otlp_max_request_bytes", 4 * 1024 * 1024, parse_size,
+           "Largest OTLP request accepted (after decompression)."),
+    Option("otlp.queue-size", "otlp_queue_size", 256, parse_int,
+           "OTLP requests waiting to be decoded before senders are told to retry."),
+    Option("phase.map", "phase_map", (), parse_phase_map,
+           "SERVICE=GPUS: tie a service's spans to GPUs (indices or UUIDs). Repeatable.", multiple=True),
+    Option("phase.settle", "phase_settle", 15.0, parse_duration,
+           "How long samples wait for late spans before their phase is final (covers a 5s sender batch delay)."),
+    Option("phase.retention", "phase_retention", 300.0, parse_duration,
+           "How much sample history is kept per GPU; spans older than this are dropped and counted."),
+    Option("phase.max-services", "phase_max_services", 32, parse_int,
+           "Distinct service label values kept; later ones are folded into 'other'."),
+    Option("process.max-series", "process_max_series", 64, parse_int,
+           "Per-process series kept per GPU (largest memory first); the rest are left out."),
+    Option("log.format", "log_format", "text", choice("text", "json"), "Log format."),
+    Option("log.level", "log_level", "info", choice("debug", "info", "warn", "error"), "Log level."),
+    Option("collector.disable", "disabled_collectors", (), lambda v: tuple(parse_str(x) for x in
+           (v if isinstance(v, (list, tuple)) else str(v).split(",")) if str(x)),
+           "Collectors to turn off (also --no-collector.NAME).", multiple=True),
+)
+
+OPTIONS_BY_FLAG = {option.flag: option for option in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Config:
+    web_listen_address: str = ":9842"
+    web_config_file: str = ""
+    web_telemetry_path: str = "/metrics"
+    backend: str = "auto"
+    sim_gpus: int = 2
+    sim_profile: str = "h100-sxm-80gb"
+    sim_seed: int = 0
+    sample_interval: float = 1.0
+    sample_timeout: float = 5.0
+    nvml_wait: bool = False
+    otlp_grpc_listen_address: str = "127.0.0.1:4317"
+    otlp_http_listen_address: str = "127.0.0.1:4318"
+    otlp_max_request_bytes: int = 4 * 1024 * 1024
+    otlp_queue_size: int = 256
+    phase_map: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    phase_settle: float = 15.0
+    phase_retention: float = 300.0
+    phase_max_services: int = 32
+    process_max_series: int = 64
+    log_format: str = "text"
+    log_level: str = "info"
+    disabled_collectors: tuple[str, ...] = ()
+    extra: Mapping[str, Any] = field(default_factory=dict)  # settings of commands other than run (demo)
+
+    def collector_enabled(self, name: str) -> bool:
+        return name not in self.disabled_collectors
+
+
+def _check_defaults_match() -> None:
+    """OPTIONS and Config must agree; a mismatch is a programming error caught at import."""
+    names = {f.name: f for f in fields(Config)}
+    for option in OPTIONS:
+        assert option.field in names, option.field
+        assert names[option.field].default == option.default or option.multiple, option.field
+
+
+_check_defaults_match()
+
+
+# --- sources ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A raw value and where it came from, for error messages."""
+
+    value: Any
+    source: str
+
+
+def read_yaml_settings(path: str) -> dict[str, Setting]:
+    """Flatten a YAML config file to {flag: Setting}, keeping file:line for every key.
+
+    Keys are the flag names (`sample.interval: 2s`) or the same nested (`sample: {interval: 2s}`).
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config file: {err.strerror or err}") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return {}
+        if not isinstance(root, yaml.MappingNode):
+            raise ConfigError(f"{path}:{root.start_mark.line + 1}: the config file must be a mapping of settings")
+        out: dict[str, Setting] = {}
+        _flatten(loader, root, "", path, out)
+        return out
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: invalid YAML: {err.problem or err.context}") from None
+    finally:
+        loader.dispose()
+
+
+def _flatten(loader, node, prefix: str, path: str, out: dict[str, Setting]) -> None:
+    for key_node, value_node in node.value:
+        key = prefix + str(key_node.value)
+        where = f"{path}:{key_node.start_mark.line + 1}"
+        if key in OPTIONS_BY_FLAG:
+            out[key] = Setting(loader.construct_object(value_node, deep=True), where)
+        elif isinstance(value_node, yaml.MappingNode) and any(f.startswith(key + ".") for f in OPTIONS_BY_FLAG):
+            _flatten(loader, value_node, key + ".", path, out)
+        else:
+            hint = difflib.get_close_matches(key, OPTIONS_BY_FLAG, n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"{where}: unknown setting {key!r}{suggestion}")
+
+
+def read_env_settings(environ: Mapping[str, str]) -> dict[str, Setting]:
+    out = {}
+    for option in OPTIONS:
+        if option.env in environ:
+            out[option.flag] = Setting(environ[option.env], f"environment variable {option.env}")
+    return out
+
+
+def build_config(layers: Iterable[Mapping[str, Setting]]) -> Config:
+    """Apply each layer of settings in order over the defaults, parse, validate, freeze."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for layer in layers:
+        for flag, setting in layer.items():
+            option = OPTIONS_BY_FLAG[flag]
+            try:
+                values[option.field] = option.parse(setting.value)
+            except ValueError as err:
+                raise ConfigError(f"{setting.source}: {flag}: {err}") from None
+            sources[option.field] = setting.source
+    config = replace(Config(), **values)
+    _validate(config, sources)
+    return config
+
+
+def _validate(config: Config, sources: Mapping[str, str]) -> None:
+    def fail(field_name: str, reason: str) -> None:
+        flag = next(o.flag for o in OPTIONS if o.field == field_name)
+        raise ConfigError(f"{sources.get(field_name, 'default')}: {flag}: {reason}")
+
+    if config.sample_interval < MIN_SAMPLE_INTERVAL:
+        fail("sample_interval", f"must be at least {MIN_SAMPLE_INTERVAL}s (NVML GPM needs >= 100ms between samples)")
+    if config.sample_timeout < config.sample_interval:
+        fail("sample_timeout", "must be at least the sample interval")
+    if config.phase_retention <= config.phase_settle:
+        fail("phase_retention", "must be longer than phase.settle")
+    if config.backend == "sim" and not 1 <= config.sim_gpus <= 64:
+        fail("sim_gpus", "must be between 1 and 64")
+    if config.otlp_max_request_bytes < 1024:
+        fail("otlp_max_request_bytes", "must be at least 1KiB")
+    if config.phase_max_services < 1:
+        fail("phase_max_services", "must be at least 1")
+    if not config.web_listen_address:
+        fail("web_listen_address", "cannot be empty")
+    from agent.metricdefs import collectors
+
+    unknown = sorted(set(config.disabled_collectors) - set(collectors()))
+    if unknown:
+        fail("disabled_collectors", f"unknown collector {unknown[0]!r}; known: {', '.join(collectors())}")
+    if config.web_config_file and not os.path.isfile(config.web_config_file):
+        fail("web_config_file", f"file {config.web_config_file!r} does not exist")

@@ -1,0 +1,59 @@
+"""What one scrape sees: the latest snapshot plus the phase and span totals, read once.
+
+The exporter asks its ViewSource for a View at the start of each scrape and renders only that,
+so every collector of one scrape agrees, and nothing on the scrape path touches NVML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol
+
+from agent.snapshot import Snapshot
+
+PHASES = ("prefill", "decode", "mixed", "idle")
+
+
+@dataclass(frozen=True)
+class PhaseSeries:
+    """Cumulative totals of one (GPU, service, phase). Activity integrals are None without GPM."""
+
+    gpu: int
+    uuid: str
+    service: str
+    phase: str
+    seconds: float = 0.0
+    tokens: float = 0.0
+    energy_joules: float | None = None
+    sm_active_seconds: float | None = None
+    tensor_active_seconds: float | None = None
+    dram_active_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class SpanStats:
+    received: Mapping[str, int] = field(default_factory=dict)  # by decoder
+    rejected: Mapping[str, int] = field(default_factory=dict)  # by reason
+    unmatched: Mapping[str, int] = field(default_factory=dict)  # by reason
+
+
+@dataclass(frozen=True)
+class SamplerStats:
+    ticks: int = 0
+    overruns: int = 0
+    last_tick_duration_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class View:
+    snapshot: Snapshot | None
+    backend: str = ""
+    phases: tuple[PhaseSeries, ...] = ()
+    # (gpu, uuid, service) -> unix time of the newest span window attributed there
+    last_span: Mapping[tuple[int, str, str], float] = field(default_factory=dict)
+    spans: SpanStats = field(default_factory=SpanStats)
+    sampler: SamplerStats = field(default_factory=SamplerStats)
+
+
+class ViewSource(Protocol):
+    def view(self) -> View: ...
