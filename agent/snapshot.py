@@ -8,11 +8,7 @@ such as used + free != total).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Mapping
-
-EMPTY: Mapping = MappingProxyType({})
-
 
 @dataclass(frozen=True)
 class GpuIdentity:
@@ -61,7 +57,7 @@ class MigReading:
 
     gpu_instance_id: int
     profile: str
-    values: Mapping[str, float] = EMPTY
+    values: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,8 +70,8 @@ class GpuReading:
     support is simply absent: absent is not zero.
     """
 
-    values: Mapping[str, float] = EMPTY
-    labelled: Mapping[str, Mapping[str, float]] = EMPTY
+    values: Mapping[str, float] = field(default_factory=dict)
+    labelled: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     processes: tuple[ProcessReading, ...] = ()
     mig: tuple[MigReading, ...] = ()
 
@@ -87,8 +83,8 @@ class GpuSample:
     identity: GpuIdentity
     up: bool
     timestamp: float  # wall clock (time.time()) when the reading completed
-    values: Mapping[str, float] = EMPTY
-    labelled: Mapping[str, Mapping[str, float]] = EMPTY
+    values: Mapping[str, float] = field(default_factory=dict)
+    labelled: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     processes: tuple[ProcessSample, ...] = ()
     mig: tuple[MigReading, ...] = ()
     last_success: float = 0.0  # wall clock of the last good reading, 0 if never
