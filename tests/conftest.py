@@ -1,0 +1,28 @@
+"""Shared pytest setup: the repo root on sys.path, and the CI rule for missing prerequisites."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool. Missing: a failure in CI (a check must never silently vanish),
+    a skip with the reason elsewhere."""
+    path = shutil.which(name)
+    if path:
+        return path
+    message = f"{name} is not installed (bash .ci/run installs it)"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
