@@ -1,0 +1,105 @@
+"""What every decoder shares: the resource's identity and one checked way to build a window.
+
+All sanity rules for windows live in make_window so that no decoder can emit a window the
+accountant would choke on (NaN, reversed, 1970, a week long): such a span raises InvalidSpan and
+is counted as rejected{reason="invalid_window"} by the dispatcher.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from agent.spans import attributes as attrs
+from agent.spans.attributes import InvalidSpan
+from agent.spans.windows import WORK_PHASES, PhaseWindow
+
+MIN_TIMESTAMP = 946_684_800.0  # 2000-01-01: anything earlier is an unset or broken clock
+MAX_TIMESTAMP = 4_102_444_800.0  # 2100-01-01
+MAX_WINDOW_SECONDS = 86_400.0  # no prefill or decode lasts a day; longer is a broken sender
+TRACE_ID_BYTES = 16
+SPAN_ID_BYTES = 8
+
+_RESOURCE_KEYS = frozenset({"service.name", "process.pid", "vllm.process_id", attrs.GPU_IDS_ATTRIBUTE})
+
+
+@dataclass(frozen=True)
+class ResourceInfo:
+    """The few resource facts decoders use, read once per ResourceSpans (never the raw attributes)."""
+
+    service: str = attrs.UNKNOWN_SERVICE
+    pid: int | None = None
+    gpu_ids: tuple[str, ...] = ()
+    invalid_reason: str | None = None  # set when the resource names GPUs wrongly
+
+    @classmethod
+    def from_resource(cls, resource: Resource) -> "ResourceInfo":
+        found = attrs.read_attributes(resource.attributes, _RESOURCE_KEYS)
+        pid = attrs.optional_pid(found.get("process.pid")) or attrs.optional_pid(found.get("vllm.process_id"))
+        try:
+            gpu_ids = attrs.gpu_ids(found.get(attrs.GPU_IDS_ATTRIBUTE))
+            invalid_reason = None
+        except InvalidSpan as error:
+            gpu_ids, invalid_reason = (), str(error)
+        return cls(attrs.service_name(found), pid, gpu_ids, invalid_reason)
+
+
+Decoder = Callable[[ResourceInfo, InstrumentationScope, Span], "list[PhaseWindow] | None"]
+
+
+def span_seconds(span: Span) -> tuple[float, float]:
+    """The span's wall-clock start and end in unix seconds, checked to be a plausible interval."""
+    start, end = span.start_time_unix_nano / 1e9, span.end_time_unix_nano / 1e9
+    _check_interval(start, end)
+    return start, end
+
+
+def _check_interval(start: float, end: float) -> None:
+    if not (math.isfinite(start) and math.isfinite(end)):
+        raise InvalidSpan("window time is not finite")
+    if not (MIN_TIMESTAMP <= start <= MAX_TIMESTAMP and MIN_TIMESTAMP <= end <= MAX_TIMESTAMP):
+        raise InvalidSpan("window time is before 2000 or after 2100")
+    if end < start:
+        raise InvalidSpan("window ends before it starts")
+    if end - start > MAX_WINDOW_SECONDS:
+        raise InvalidSpan("window is longer than a day")
+
+
+def make_window(
+    phase: str,
+    start: float,
+    end: float,
+    *,
+    span: Span,
+    resource: ResourceInfo,
+    decoder: str,
+    tokens: int = 0,
+    pid: int | None = None,
+    gpu_ids: tuple[str, ...] = (),
+) -> PhaseWindow:
+    """A validated PhaseWindow; span-level pid/gpu_ids override the resource's."""
+    if phase not in WORK_PHASES:
+        raise InvalidSpan(f"unknown phase {phase!r}")
+    if resource.invalid_reason:
+        raise InvalidSpan(resource.invalid_reason)
+    if len(span.trace_id) != TRACE_ID_BYTES or len(span.span_id) != SPAN_ID_BYTES or not any(span.span_id):
+        # The key must identify the span: without real ids every such span would look like a
+        # duplicate of every other to the accountant's de-duplication.
+        raise InvalidSpan("span has no valid trace or span id")
+    _check_interval(start, end)
+    return PhaseWindow(
+        phase=phase,
+        start=start,
+        end=end,
+        service=resource.service,
+        decoder=decoder,
+        key=bytes(span.trace_id) + bytes(span.span_id) + phase.encode(),
+        tokens=tokens,
+        pid=pid if pid is not None else resource.pid,
+        gpu_ids=gpu_ids or resource.gpu_ids,
+    )

@@ -1,0 +1,38 @@
+"""The gpuphase convention: any span that says which phase it covers (docs/spans.md).
+
+  gpuphase.phase    "prefill" | "decode"   required; the window is the span's start..end
+  gpuphase.tokens   int                    optional; prompt tokens (prefill) / output tokens (decode)
+  gpuphase.gpu.ids  string list or "0,1"   optional; on the span or the resource; indices or UUIDs
+
+Tried first by the dispatcher: a sender that annotates a span explicitly means it, even if the
+span also looks like one of the known servers'.
+"""
+
+from __future__ import annotations
+
+from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from agent.spans import attributes as attrs
+from agent.spans.attributes import InvalidSpan
+from agent.spans.decoders.common import ResourceInfo, make_window, span_seconds
+from agent.spans.windows import WORK_PHASES, PhaseWindow
+
+NAME = "generic"
+PHASE_ATTRIBUTE = "gpuphase.phase"
+TOKENS_ATTRIBUTE = "gpuphase.tokens"
+
+_KEYS = frozenset({PHASE_ATTRIBUTE, TOKENS_ATTRIBUTE, attrs.GPU_IDS_ATTRIBUTE})
+
+
+def decode(resource: ResourceInfo, scope: InstrumentationScope, span: Span) -> list[PhaseWindow] | None:
+    found = attrs.read_attributes(span.attributes, _KEYS)
+    if PHASE_ATTRIBUTE not in found:
+        return None
+    phase = found[PHASE_ATTRIBUTE]
+    if phase not in WORK_PHASES:
+        raise InvalidSpan(f"{PHASE_ATTRIBUTE} must be one of {', '.join(WORK_PHASES)}")
+    start, end = span_seconds(span)
+    return [make_window(str(phase), start, end, span=span, resource=resource, decoder=NAME,
+                        tokens=attrs.first_count(found, TOKENS_ATTRIBUTE),
+                        gpu_ids=attrs.gpu_ids(found.get(attrs.GPU_IDS_ATTRIBUTE)))]
