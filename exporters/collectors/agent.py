@@ -1,0 +1,28 @@
+"""The agent itself: build information and the sampler's health.
+
+gpu_scrape_collector_success / _duration_seconds (also declared under this collector) are
+written by exporters.registry, which times every collector, this one included.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Iterator
+
+from prometheus_client.core import Metric
+
+from agent import __version__
+from agent.view import View
+from exporters.collectors._families import Family, nonempty
+
+
+def collect(view: View) -> Iterator[Metric]:
+    build_info = Family("gpuphase_build_info")
+    build_info.add((__version__, view.backend, platform.python_version()), 1)
+    ticks = Family("gpu_sampler_ticks_total")
+    ticks.add((), view.sampler.ticks)
+    overruns = Family("gpu_sampler_overruns_total")
+    overruns.add((), view.sampler.overruns)
+    tick_duration = Family("gpu_sampler_tick_duration_seconds")
+    tick_duration.add((), view.sampler.last_tick_duration_seconds)
+    return nonempty((build_info, ticks, overruns, tick_duration))

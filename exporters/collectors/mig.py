@@ -1,0 +1,26 @@
+"""MIG GPU instances: memory and GPM activity of each slice, labelled by instance and profile.
+
+Table-driven like the device collectors: every mig metric in agent/metrics.yaml is read from
+MigReading.values under its own name, and left out where the slice does not report it.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client.core import Metric
+
+from agent import metricdefs
+from agent.view import View
+from exporters.collectors._families import Family, live_gpus, nonempty
+
+
+def collect(view: View) -> Iterator[Metric]:
+    families = [Family(d.name) for d in metricdefs.by_collector("mig")]
+    for sample in live_gpus(view):
+        for instance in sample.mig:
+            for family in families:
+                value = instance.values.get(family.definition.name)
+                if value is not None:
+                    family.add_gpu(sample, value, instance.gpu_instance_id, instance.profile)
+    return nonempty(families)

@@ -1,0 +1,31 @@
+"""Compute processes per GPU: how many hold it, and each one's memory and SM share.
+
+Per-process series are labelled with who the process is (pid, name, container, pod,
+namespace), resolved by the agent off the scrape path. The sampler already caps how many
+processes a GPU carries (--process.max-series), which bounds the cardinality here.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client.core import Metric
+
+from agent.view import View
+from exporters.collectors._families import Family, live_gpus, nonempty
+
+
+def collect(view: View) -> Iterator[Metric]:
+    count = Family("gpu_processes")
+    memory = Family("gpu_process_memory_used_bytes")
+    sm_active = Family("gpu_process_sm_active_ratio")
+    for sample in live_gpus(view):
+        count.add_gpu(sample, len(sample.processes))
+        for process in sample.processes:
+            who = (process.pid, process.process_name, process.container, process.pod, process.namespace)
+            # None means NVML did not report it (e.g. no utilization sample yet): leave it out.
+            if process.memory_used_bytes is not None:
+                memory.add_gpu(sample, process.memory_used_bytes, *who)
+            if process.sm_active_ratio is not None:
+                sm_active.add_gpu(sample, process.sm_active_ratio, *who)
+    return nonempty((count, memory, sm_active))
