@@ -1,0 +1,146 @@
+"""The `gpuphase` command line. Flags are generated from agent.config.OPTIONS, so the CLI, the
+YAML keys and the GPUPHASE_* environment variables can never drift apart."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+import click
+
+from agent import __version__
+from agent.config import OPTIONS, Config, ConfigError, Setting, build_config, read_env_settings, read_yaml_settings
+from agent.metricdefs import collectors
+
+
+def _option_decorators() -> list[Callable]:
+    decorators = []
+    for option in OPTIONS:
+        if option.field == "disabled_collectors":
+            continue  # expressed as --collector.NAME / --no-collector.NAME below
+        if option.is_flag:
+            decorators.append(click.option(f"--{option.flag}/--no-{option.flag}", option.field, default=None,
+                                           help=f"{option.help} [env {option.env}]"))
+        else:
+            decorators.append(click.option(f"--{option.flag}", option.field, default=None, multiple=option.multiple,
+                                           metavar=_metavar(option.default),
+                                           help=f"{option.help} [default: {_show(option.default)}; env {option.env}]"))
+    for name in collectors():
+        decorators.append(click.option(f"--collector.{name}/--no-collector.{name}", f"collector_{name}", default=None,
+                                       help=f"Enable the {name} collector (default: enabled)."))
+    decorators.append(click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                                   envvar="GPUPHASE_CONFIG", help="YAML file of settings (keys are the flag names)."))
+    return decorators
+
+
+def _metavar(default: Any) -> str:
+    return {bool: "BOOL", int: "N", float: "DURATION"}.get(type(default), "TEXT")
+
+
+def _show(value: Any) -> str:
+    return repr(value) if value in ("", ()) else str(value)
+
+
+def agent_options(func: Callable) -> Callable:
+    for decorator in reversed(_option_decorators()):
+        func = decorator(func)
+    return func
+
+
+def config_from_cli(params: dict[str, Any], environ=os.environ) -> Config:
+    """Merge defaults -> --config YAML -> GPUPHASE_* env -> flags into one validated Config."""
+    config_file = params.get("config_file")
+    file_layer = read_yaml_settings(config_file) if config_file else {}
+    env_layer = read_env_settings(environ)
+    flag_layer: dict[str, Setting] = {}
+    for option in OPTIONS:
+        value = params.get(option.field)
+        if value is None or (option.multiple and value == ()):
+            continue
+        flag_layer[option.flag] = Setting(list(value) if option.multiple else value, f"flag --{option.flag}")
+    toggles = {name: params.get(f"collector_{name}") for name in collectors()}
+    if any(value is not None for value in toggles.values()):
+        disabled = set(_disabled_from(file_layer, env_layer))
+        disabled |= {name for name, enabled in toggles.items() if enabled is False}
+        disabled -= {name for name, enabled in toggles.items() if enabled is True}
+        flag_layer["collector.disable"] = Setting(sorted(disabled), "flags --[no-]collector.*")
+    return build_config([file_layer, env_layer, flag_layer])
+
+
+def _disabled_from(*layers: dict[str, Setting]) -> list[str]:
+    """The collectors a file or the environment turned off; flags may turn them on again."""
+    from agent.config import OPTIONS_BY_FLAG
+
+    parse = OPTIONS_BY_FLAG["collector.disable"].parse
+    out: list[str] = []
+    for layer in layers:
+        if "collector.disable" in layer:
+            setting = layer["collector.disable"]
+            try:
+                out = list(parse(setting.value))
+            except ValueError as err:
+                raise ConfigError(f"{setting.source}: collector.disable: {err}") from None
+    return out
+
+
+def _fail(message: str) -> None:
+    click.echo(f"gpuphase: {message}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, "--version", prog_name="gpuphase")
+def main() -> None:
+    """gpuphase: GPU observability for LLM serving. NVML counters split by serving phase
+    (prefill, decode, mixed, idle), exported to Prometheus."""
+
+
+@main.command()
+@agent_options
+def run(**params: Any) -> None:
+    """Run the agent: sample every GPU, receive model-server spans, serve /metrics."""
+    from agent.app import run_agent
+
+    try:
+        config = config_from_cli(params)
+    except ConfigError as err:
+        _fail(str(err))
+    sys.exit(run_agent(config))
+
+
+@main.command()
+@agent_options
+@click.option("--demo.scenario", "demo_scenario", default="mixed-fleet", show_default=True,
+              help="Synthetic workload: see `gpuphase demo --list-scenarios`.")
+@click.option("--demo.duration", "demo_duration", default=None, type=float,
+              help="Stop after this many seconds (default: run until interrupted).")
+@click.option("--demo.truth-file", "demo_truth_file", default=None, type=click.Path(dir_okay=False),
+              help="Write the workload's ground truth (phase seconds and activity per GPU) to this JSON file on exit "
+                   "and every 5 seconds.")
+@click.option("--list-scenarios", is_flag=True, help="List the demo scenarios and exit.")
+def demo(**params: Any) -> None:
+    """The agent on simulated GPUs plus a synthetic LLM-serving workload that sends real OTLP spans
+    to the agent's own receiver. Everything a user sees on a real node, on a laptop."""
+    from agent.demo import SCENARIOS, run_demo
+
+    if params.pop("list_scenarios"):
+        for name, scenario in SCENARIOS.items():
+            click.echo(f"{name:22} {scenario.description}")
+        return
+    demo_settings = {key: params.pop(key) for key in list(params) if key.startswith("demo_")}
+    if params.get("backend") in (None, "sim"):
+        params["backend"] = "sim"
+    else:
+        _fail("gpuphase demo always runs on simulated GPUs; drop --backend")
+    try:
+        config = config_from_cli(params)
+    except ConfigError as err:
+        _fail(str(err))
+    if demo_settings["demo_scenario"] not in SCENARIOS:
+        _fail(f"unknown scenario {demo_settings['demo_scenario']!r}; known: {', '.join(SCENARIOS)}")
+    sys.exit(run_demo(config, **demo_settings))
+
+
+if __name__ == "__main__":
+    main()

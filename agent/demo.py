@@ -1,0 +1,257 @@
+"""`gpuphase demo`: the agent on simulated GPUs with a synthetic LLM-serving workload.
+
+The workload (agent/workload.py) plans requests, drives the simulated counters from the same
+windows, and sends vLLM V1-shaped `llm_request` spans through the real OpenTelemetry SDK
+(BatchSpanProcessor, whose 5 s default delay is vLLM's too) to the agent's own OTLP receiver.
+`--demo.truth-file` writes what really happened so tests and curious users can compare.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, replace
+
+from agent.backends.sim import PHASE_ACTIVITY, Activity, SimBackend
+from agent.config import Config
+from agent.snapshot import ProcessReading
+from agent.timeline import phase_durations
+from agent.workload import PlannedRequest, ServiceLoad, ServiceTimeline
+
+log = logging.getLogger(__name__)
+
+# Decode on a small model with long outputs: the memory wall (DRAM busy, tensor cores starved).
+MEMORY_BOUND = {**PHASE_ACTIVITY,
+                "decode": Activity(busy=1.0, sm_active=0.78, sm_occupancy=0.20, tensor_active=0.07, dram_active=0.88,
+                                   fp16_active=0.06, fp32_active=0.04)}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    description: str
+    gpus: int
+    loads: tuple[ServiceLoad, ...]
+    # GPUs whose process holds this share of VRAM (overrides the load's memory_fraction).
+    memory_fraction: dict[int, float] | None = None
+
+
+def _llama70b(gpus: tuple[int, ...], rate: float) -> ServiceLoad:
+    return ServiceLoad("llama-70b", gpus, arrival_rate=rate)
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "mixed-fleet": Scenario(
+        "5 GPUs: llama-70b on GPUs 0-1 (TP2, healthy), chat-8b decode-heavy memory-bound on GPU 2, "
+        "GPU 3 allocated but idle with VRAM nearly full, GPU 4 unused",
+        gpus=5,
+        loads=(
+            _llama70b((0, 1), 3.0),
+            ServiceLoad("chat-8b", (2,), arrival_rate=4.0, prompt_tokens=(200, 80), output_tokens=(900, 300),
+                        prefill_tokens_per_second=40000.0, decode_step_seconds=0.012, max_batch=64,
+                        activity=MEMORY_BOUND),
+            ServiceLoad("reserved", (3,)),
+        ),
+        memory_fraction={3: 0.97},
+    ),
+    "steady": Scenario("2 GPUs: llama-70b on TP2 under steady traffic", gpus=2, loads=(_llama70b((0, 1), 3.0),)),
+    "idle-allocated": Scenario("2 GPUs held by a server that gets no traffic", gpus=2,
+                               loads=(ServiceLoad("llama-70b", (0, 1)),)),
+    "memory-bound": Scenario(
+        "1 GPU: small model, long outputs: decode-dominated and DRAM-bound", gpus=1,
+        loads=(ServiceLoad("chat-8b", (0,), arrival_rate=4.0, prompt_tokens=(200, 80), output_tokens=(900, 300),
+                           prefill_tokens_per_second=40000.0, decode_step_seconds=0.012, max_batch=64,
+                           activity=MEMORY_BOUND),)),
+    "phase-blocks": Scenario(
+        "1 GPU: a scripted 8 s cycle of 1.5 s prefill, 2 s decode, 1.5 s mixed, ~3 s idle (for checking accuracy)",
+        gpus=1,
+        loads=(ServiceLoad("blocks", (0,), script=((0.0, 1.5, 3.5), (3.5, 1.5, 0.04)), script_cycle=8.0),),
+    ),
+}
+
+
+class Workload:
+    """Plans each service ahead of the clock, feeds the simulator, and emits spans as requests end."""
+
+    LOOKAHEAD = 1.0  # plan this far ahead so the simulator always knows the current phase
+
+    def __init__(self, scenario: Scenario, backend: SimBackend, emit, seed: int = 0, keep_history: bool = True):
+        self.scenario = scenario
+        self.started = time.time()
+        rng = random.Random(seed)
+        self.timelines = [ServiceTimeline(load, random.Random(rng.getrandbits(64)), self.started, keep_history)
+                          for load in scenario.loads]
+        self._emit = emit
+        self._pending: list[tuple[float, int, ServiceLoad, PlannedRequest]] = []
+        self._seq = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-workload", daemon=True)
+        pid = os.getpid()
+        for timeline in self.timelines:
+            load = timeline.load
+            for gpu in load.gpus:
+                backend.set_source(gpu, timeline.activity)
+                total = backend.gpus[gpu].profile.memory_total_bytes
+                fraction = (scenario.memory_fraction or {}).get(gpu, load.memory_fraction)
+                # The demo process stands in for the model server's GPU worker on every GPU it "serves".
+                backend.set_processes(gpu, (ProcessReading(pid=pid, memory_used_bytes=fraction * total - 512 * 2**20),))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.time()
+            for timeline in self.timelines:
+                for request in timeline.plan_until(now + self.LOOKAHEAD):
+                    self._seq += 1
+                    heapq.heappush(self._pending, (request.end, self._seq, timeline.load, request))
+                timeline.prune(now - 900.0)
+            while self._pending and self._pending[0][0] <= now:
+                _, _, load, request = heapq.heappop(self._pending)
+                try:
+                    self._emit(load, request)
+                except Exception:  # a broken exporter must not stop the simulated GPUs
+                    log.exception("emitting a demo span failed")
+            next_due = self._pending[0][0] if self._pending else now + 0.1
+            self._stop.wait(min(max(next_due - now, 0.005), 0.1))
+
+    def truth(self, until: float | None = None) -> dict:
+        """Per GPU: its service, the phase windows so far and phase seconds since the start."""
+        until = until if until is not None else time.time()
+        gpus = {}
+        for timeline in self.timelines:
+            history = [w for w in timeline.history() if w[0] < until]
+            seconds = phase_durations(history, self.started, until)
+            activity = {phase: {"sm_active": a.sm_active, "tensor_active": a.tensor_active,
+                                "dram_active": a.dram_active}
+                        for phase, a in timeline.load.activity.items()}
+            for gpu in timeline.load.gpus:
+                gpus[str(gpu)] = {"service": timeline.load.service, "phase_seconds": seconds, "activity": activity,
+                                  "windows": history}
+        return {"started": self.started, "until": until, "gpus": gpus}
+
+
+class OtlpSpanEmitter:
+    """Sends each finished request as a vLLM V1 `llm_request` span through the OpenTelemetry SDK."""
+
+    def __init__(self, grpc_address: str, http_address: str):
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        self._providers = {}
+        self._tracers = {}
+        self._make_provider = lambda service: TracerProvider(
+            resource=Resource.create({"service.name": service, "vllm.process_id": os.getpid()}))
+        self._processor = lambda: BatchSpanProcessor(self._exporter(grpc_address, http_address))
+
+    @staticmethod
+    def _exporter(grpc_address: str, http_address: str):
+        if grpc_address:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            return OTLPSpanExporter(endpoint=f"http://{_dialable(grpc_address)}", insecure=True)
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(endpoint=f"http://{_dialable(http_address)}/v1/traces")
+
+    def __call__(self, load: ServiceLoad, request: PlannedRequest) -> None:
+        from opentelemetry.trace import SpanKind
+
+        tracer = self._tracers.get(load.service)
+        if tracer is None:
+            provider = self._make_provider(load.service)
+            provider.add_span_processor(self._processor())
+            self._providers[load.service] = provider
+            tracer = self._tracers[load.service] = provider.get_tracer("vllm.llm_engine")
+        prefill = request.first_token - request.prefill_start
+        decode = request.end - request.first_token
+        span = tracer.start_span("llm_request", kind=SpanKind.SERVER, start_time=_ns(request.arrival), attributes={
+            "gen_ai.request.id": request.request_id,
+            "gen_ai.response.model": load.service,
+            "gen_ai.usage.prompt_tokens": request.prompt_tokens,
+            "gen_ai.usage.completion_tokens": request.output_tokens,
+            "gen_ai.latency.time_in_queue": request.prefill_start - request.arrival,
+            "gen_ai.latency.time_to_first_token": request.first_token - request.arrival,
+            "gen_ai.latency.e2e": request.end - request.arrival,
+            "gen_ai.latency.time_in_model_prefill": prefill,
+            "gen_ai.latency.time_in_model_decode": decode,
+            "gen_ai.latency.time_in_model_inference": prefill + decode,
+        })
+        span.end(end_time=_ns(request.end))
+
+    def shutdown(self) -> None:
+        for provider in self._providers.values():
+            provider.shutdown()
+
+
+def _ns(seconds: float) -> int:
+    return int(round(seconds * 1e9))
+
+
+def _dialable(address: str) -> str:
+    """A listen address as a client dials it (':4317' and '0.0.0.0' mean this host)."""
+    host, _, port = address.rpartition(":")
+    if host in ("", "0.0.0.0", "[::]", "::"):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
+def demo_config(config: Config, scenario: Scenario) -> Config:
+    """The scenario decides the GPUs and, unless the user mapped services, the phase map."""
+    phase_map = config.phase_map or tuple((load.service, tuple(str(g) for g in load.gpus)) for load in scenario.loads)
+    return replace(config, backend="sim", sim_gpus=scenario.gpus, phase_map=phase_map)
+
+
+def run_demo(config: Config, demo_scenario: str, demo_duration: float | None, demo_truth_file: str | None) -> int:
+    from agent.app import Agent
+    from agent.logs import setup_logging
+
+    setup_logging(config.log_format, config.log_level)
+    scenario = SCENARIOS[demo_scenario]
+    config = demo_config(config, scenario)
+    if not (config.otlp_grpc_listen_address or config.otlp_http_listen_address):
+        log.error("the demo sends spans to the agent's own OTLP receiver: enable one of them")
+        return 2
+    backend = SimBackend(scenario.gpus, config.sim_profile, config.sim_seed)
+    agent = Agent(config, backend=backend)
+    agent.start()
+    emitter = OtlpSpanEmitter(agent.otlp_grpc_address, agent.otlp_http_address)
+    workload = Workload(scenario, backend, emitter, seed=config.sim_seed, keep_history=demo_truth_file is not None)
+    workload.start()
+    print(f"gpuphase demo: scenario {demo_scenario!r}: {scenario.description}", flush=True)
+    print(f"  metrics:  {agent.metrics_url}", flush=True)
+    print(f"  spans:    OTLP gRPC {agent.otlp_grpc_address or 'off'}, HTTP {agent.otlp_http_address or 'off'}",
+          flush=True)
+    print(f"  phases appear after the settle window ({config.phase_settle:g}s); Ctrl-C to stop", flush=True)
+    deadline = time.monotonic() + demo_duration if demo_duration else None
+
+    def write_truth() -> None:
+        if demo_truth_file:
+            tmp = demo_truth_file + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as handle:
+                json.dump(workload.truth(), handle)
+            os.replace(tmp, demo_truth_file)
+
+    try:
+        while not agent.wait_stopped(1.0):
+            write_truth()
+            if deadline and time.monotonic() >= deadline:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        write_truth()
+        workload.stop()
+        emitter.shutdown()
+        agent.stop()
+    return 0

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install the external tools the tests drive for real (Debian packages), if any is missing.
+set -euo pipefail
+need=()
+command -v promtool >/dev/null || need+=(prometheus)
+command -v prometheus >/dev/null || need+=(prometheus)
+command -v prometheus-alertmanager >/dev/null || need+=(prometheus-alertmanager)
+command -v amtool >/dev/null || need+=(prometheus-alertmanager)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v gcc >/dev/null || need+=(gcc)
+command -v openssl >/dev/null || need+=(openssl)
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends $(printf '%s\n' "${need[@]}" | sort -u)
+fi
+if ! command -v kubectl >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends kubectl || apt-get install -y -q --no-install-recommends kubernetes-client
+fi
