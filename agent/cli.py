@@ -100,12 +100,12 @@ def main() -> None:
 @agent_options
 def run(**params: Any) -> None:
     """Run the agent: sample every GPU, receive model-server spans, serve /metrics."""
-    from agent.app import run_agent
-
     try:
         config = config_from_cli(params)
     except ConfigError as err:
         _fail(str(err))
+    from agent.app import run_agent
+
     sys.exit(run_agent(config))
 
 
