@@ -1,0 +1,620 @@
+"""The NVML backend: real GPUs through nvidia-ml-py (pynvml). The only module that imports pynvml.
+
+Design points (design.md §5), and why:
+- Capabilities are probed, not assumed. A call or metric that answers NotSupported,
+  FunctionNotFound, NoPermission or ArgumentVersionMismatch on a GPU is recorded once and never
+  asked again, so an old driver costs one failed call, not one per second per GPU, and the series
+  is left out (absent is not zero).
+- GpuIsLost (and the GPU-level errors a reset produces) raise GpuLost for that GPU only;
+  `recover()` re-acquires the handle by UUID and re-creates the GPM samples.
+- The tick is hot: all scalar fields come from ONE nvmlDeviceGetFieldValues call, the ~19 KB GPM
+  request is allocated once per GPU, metric keys are constants, and the slow
+  nvmlDeviceGetPcieThroughput (a 20 ms sampling window per call) and nvidia-smi are never used.
+- XIDs arrive as events, not as a "last XID" value: one thread waits on an NVML event set and
+  counts them per (GPU, XID) so no burst between two ticks is lost.
+
+Calls for one GPU must not overlap (the sampler runs one worker per GPU); different GPUs may be
+read from different threads at the same time, which NVML allows.
+
+MIG: per-instance readings (MigReading, nvmlGpmMigSampleGet) are not collected yet; a GPU with MIG
+enabled is reported as a whole and a warning says so at discovery.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pynvml
+
+from agent.backends import BackendUnavailable, GpuLost
+from agent.snapshot import GpuIdentity, GpuReading, ProcessReading
+
+log = logging.getLogger(__name__)
+
+SIM_HINT = "on hosts without NVIDIA GPUs run with --backend sim"
+
+# "This GPU cannot do that": probe once, remember, leave the series out.
+_CAPABILITY_ERRORS = frozenset({
+    pynvml.NVML_ERROR_NOT_SUPPORTED,
+    pynvml.NVML_ERROR_FUNCTION_NOT_FOUND,
+    pynvml.NVML_ERROR_NO_PERMISSION,
+    pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH,
+})
+# "The GPU itself is gone": fell off the bus, needs or just had a reset, or NVML lost its state.
+_LOST_ERRORS = frozenset({
+    pynvml.NVML_ERROR_GPU_IS_LOST,
+    pynvml.NVML_ERROR_GPU_NOT_FOUND,
+    pynvml.NVML_ERROR_RESET_REQUIRED,
+    pynvml.NVML_ERROR_UNKNOWN,
+    pynvml.NVML_ERROR_UNINITIALIZED,
+})
+
+ALL_LINKS = 0xFFFFFFFF  # field scopeId meaning "summed over every NVLink"
+
+
+@dataclass(frozen=True)
+class _Field:
+    """One scalar NVML field: where its value goes and the factor to base units."""
+
+    field_id: int
+    metric: str
+    scale: float = 1.0
+    label: str | None = None  # the value of the metric's one extra label, for labelled metrics
+    scope: int = 0
+
+
+_FIELDS = (
+    _Field(pynvml.NVML_FI_DEV_POWER_INSTANT, "gpu_power_watts", 1e-3),  # mW
+    _Field(pynvml.NVML_FI_DEV_POWER_CURRENT_LIMIT, "gpu_power_limit_watts", 1e-3),  # mW
+    _Field(pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION, "gpu_energy_joules_total", 1e-3),  # mJ
+    _Field(pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES, "gpu_pcie_transmit_bytes_total"),
+    _Field(pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES, "gpu_pcie_receive_bytes_total"),
+    _Field(pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER, "gpu_pcie_replay_errors_total"),
+    _Field(pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, "gpu_nvlink_transmit_bytes_total", 1024.0, scope=ALL_LINKS),
+    _Field(pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, "gpu_nvlink_receive_bytes_total", 1024.0, scope=ALL_LINKS),
+    _Field(pynvml.NVML_FI_DEV_MEMORY_TEMP, "gpu_memory_temperature_celsius"),
+    _Field(pynvml.NVML_FI_DEV_ECC_SBE_VOL_TOTAL, "gpu_ecc_errors_total", label="correctable"),
+    _Field(pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL, "gpu_ecc_errors_total", label="uncorrectable"),
+    _Field(pynvml.NVML_FI_DEV_REMAPPED_COR, "gpu_remapped_rows", label="correctable"),
+    _Field(pynvml.NVML_FI_DEV_REMAPPED_UNC, "gpu_remapped_rows", label="uncorrectable"),
+    _Field(pynvml.NVML_FI_DEV_REMAPPED_PENDING, "gpu_remapped_rows", label="pending"),
+    _Field(pynvml.NVML_FI_DEV_REMAPPED_FAILURE, "gpu_remapped_rows", label="failure"),
+)
+
+# c_nvmlValue_t union member for each nvmlValueType_t
+_VALUE_MEMBER = {
+    pynvml.NVML_VALUE_TYPE_DOUBLE: "dVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
+    pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal",
+    pynvml.NVML_VALUE_TYPE_SIGNED_INT: "siVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_SHORT: "usVal",
+}
+
+_GPM_METRICS = (
+    (pynvml.NVML_GPM_METRIC_SM_UTIL, "gpu_sm_active_ratio"),
+    (pynvml.NVML_GPM_METRIC_SM_OCCUPANCY, "gpu_sm_occupancy_ratio"),
+    (pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL, "gpu_tensor_active_ratio"),
+    (pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL, "gpu_dram_active_ratio"),
+    (pynvml.NVML_GPM_METRIC_FP16_UTIL, "gpu_fp16_active_ratio"),
+    (pynvml.NVML_GPM_METRIC_FP32_UTIL, "gpu_fp32_active_ratio"),
+    (pynvml.NVML_GPM_METRIC_FP64_UTIL, "gpu_fp64_active_ratio"),
+)
+
+_CLOCKS = (
+    ("graphics", pynvml.NVML_CLOCK_GRAPHICS, "clock:graphics"),
+    ("sm", pynvml.NVML_CLOCK_SM, "clock:sm"),
+    ("memory", pynvml.NVML_CLOCK_MEM, "clock:memory"),
+    ("video", pynvml.NVML_CLOCK_VIDEO, "clock:video"),
+)
+
+_CLOCK_EVENT_REASONS = (
+    ("gpu_idle", pynvml.nvmlClocksEventReasonGpuIdle),
+    ("applications_clocks_setting", pynvml.nvmlClocksEventReasonApplicationsClocksSetting),
+    ("sw_power_cap", pynvml.nvmlClocksEventReasonSwPowerCap),
+    ("hw_slowdown", pynvml.nvmlClocksEventReasonHwSlowdown),
+    ("sync_boost", pynvml.nvmlClocksEventReasonSyncBoost),
+    ("sw_thermal_slowdown", pynvml.nvmlClocksEventReasonSwThermalSlowdown),
+    ("hw_thermal_slowdown", pynvml.nvmlClocksEventReasonHwThermalSlowdown),
+    ("hw_power_brake_slowdown", pynvml.nvmlClocksEventReasonHwPowerBrakeSlowdown),
+    ("display_clock_setting", pynvml.nvmlClocksEventReasonDisplayClockSetting),
+)
+
+GPM_MIN_INTERVAL = 0.1  # NVML: two GPM samples must be at least 100 ms apart
+
+
+def _clamp_ratio(percent: float) -> float:
+    return min(1.0, max(0.0, percent / 100.0))
+
+
+def _handle_address(handle: Any) -> int | None:
+    return ctypes.cast(handle, ctypes.c_void_p).value
+
+
+def _text(value: str | bytes) -> str:
+    """pynvml returns str from most getters but bytes from some struct members, depending on version."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _cuda_version(encoded: int) -> str:
+    """NVML encodes CUDA 12.4 as 12040."""
+    return f"{encoded // 1000}.{encoded % 1000 // 10}"
+
+
+class _Gpm:
+    """GPM sampling for one GPU: two samples and one metrics request, allocated once, reused every tick."""
+
+    def __init__(self, handle: Any):
+        self._handle = handle
+        self._samples = [pynvml.nvmlGpmSampleAlloc()]
+        try:
+            self._samples.append(pynvml.nvmlGpmSampleAlloc())
+        except pynvml.NVMLError:
+            self.free()
+            raise
+        self._request = pynvml.c_nvmlGpmMetricsGet_t()
+        self._request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
+        self._metrics: tuple[tuple[int, str], ...] = ()
+        self._set_metrics(_GPM_METRICS)
+        self._previous_at: float | None = None  # monotonic time of the previous sample
+        self._last: dict[str, float] = {}
+
+    def _set_metrics(self, metrics: tuple[tuple[int, str], ...]) -> None:
+        self._metrics = metrics
+        self._request.numMetrics = len(metrics)
+        for slot, (metric_id, _name) in enumerate(metrics):
+            self._request.metrics[slot].metricId = metric_id
+
+    def read(self) -> dict[str, float]:
+        """GPM ratios over the interval since the previous call; {} on the first call.
+
+        A call less than 100 ms after the previous one returns the previous figures rather than
+        an NVML error or nothing (the sampler may tick faster under test or after an overrun).
+        """
+        now = time.monotonic()
+        if self._previous_at is not None and now - self._previous_at < GPM_MIN_INTERVAL:
+            return self._last
+        previous, current = self._samples
+        pynvml.nvmlGpmSampleGet(self._handle, current)
+        first = self._previous_at is None
+        self._samples.reverse()
+        self._previous_at = now
+        if first:
+            return {}
+        self._request.sample1 = previous
+        self._request.sample2 = current
+        pynvml.nvmlGpmMetricsGet(self._request)
+        values: dict[str, float] = {}
+        dropped = []
+        for slot, (metric_id, name) in enumerate(self._metrics):
+            entry = self._request.metrics[slot]
+            if entry.nvmlReturn == pynvml.NVML_SUCCESS:
+                values[name] = _clamp_ratio(entry.value)
+            elif entry.nvmlReturn in _CAPABILITY_ERRORS:
+                dropped.append(metric_id)
+        if dropped:
+            log.info("GPM metrics %s are not supported; leaving them out", dropped)
+            self._set_metrics(tuple(m for m in self._metrics if m[0] not in dropped))
+        self._last = values
+        return values
+
+    def free(self) -> None:
+        """Release the samples; errors are ignored because this runs on lost GPUs and at shutdown."""
+        for sample in self._samples:
+            try:
+                pynvml.nvmlGpmSampleFree(sample)
+            except pynvml.NVMLError as err:
+                log.debug("nvmlGpmSampleFree: %s", err)
+        self._samples = []
+
+
+class _Gpu:
+    """Handle, probed capabilities and per-tick state of one GPU."""
+
+    def __init__(self, index: int, handle: Any, identity: GpuIdentity, gpm: _Gpm | None,
+                 unsupported: set[str] | None = None):
+        self.index = index
+        self.handle = handle
+        self.identity = identity
+        self.gpm = gpm
+        self.unsupported: set[str] = unsupported if unsupported is not None else set()
+        self.fields = tuple(f for f in _FIELDS if f"field:{f.field_id}" not in self.unsupported)
+        self._field_ids = [(f.field_id, f.scope) for f in self.fields]
+        self._process_sm: dict[int, float] = {}
+        self._process_seen_us = 0
+
+    # --- error handling -------------------------------------------------------------------------
+
+    def fail(self, key: str, err: pynvml.NVMLError) -> None:
+        """Sort an NVML error: GPU gone -> GpuLost; capability -> remember and skip; else skip this tick."""
+        if err.value in _LOST_ERRORS:
+            raise GpuLost(f"GPU {self.index} ({self.identity.uuid}): {key}: {err}") from err
+        if err.value in _CAPABILITY_ERRORS:
+            self.unsupported.add(key)
+            log.info("GPU %d: %s unavailable (%s); leaving it out from now on", self.index, key, err)
+        else:
+            log.debug("GPU %d: %s failed this tick: %s", self.index, key, err)
+
+    def call(self, key: str, function: Callable[..., Any], *args: Any) -> Any:
+        """function(*args), or None when it is unsupported here or failed this tick."""
+        if key in self.unsupported:
+            return None
+        try:
+            return function(*args)
+        except pynvml.NVMLError as err:
+            self.fail(key, err)
+            return None
+
+    # --- one tick -------------------------------------------------------------------------------
+
+    def read(self, xid_counts: dict[str, float]) -> GpuReading:
+        values: dict[str, float] = {}
+        labelled: dict[str, dict[str, float]] = {}
+        handle = self.handle
+
+        utilization = self.call("utilization", pynvml.nvmlDeviceGetUtilizationRates, handle)
+        if utilization is not None:
+            values["gpu_utilization_ratio"] = _clamp_ratio(utilization.gpu)
+            values["gpu_memory_controller_busy_ratio"] = _clamp_ratio(utilization.memory)
+
+        memory = self.call("memory", pynvml.nvmlDeviceGetMemoryInfo, handle)
+        if memory is not None:
+            # used is derived so that used + free == total holds exactly, whatever the driver's
+            # reserved-memory accounting (v1 counts it in used, v2 reports it apart).
+            values["gpu_memory_total_bytes"] = float(memory.total)
+            values["gpu_memory_free_bytes"] = float(memory.free)
+            values["gpu_memory_used_bytes"] = float(memory.total - memory.free)
+
+        temperature = self.call("temperature", pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU)
+        if temperature is not None:
+            values["gpu_temperature_celsius"] = float(temperature)
+
+        self._read_fields(values, labelled)
+        self._read_clocks(labelled)
+
+        if self.gpm is not None:
+            try:
+                values.update(self.gpm.read())
+            except pynvml.NVMLError as err:
+                self.fail("gpm", err)
+                if "gpm" in self.unsupported:
+                    self.gpm.free()
+                    self.gpm = None
+
+        if xid_counts:
+            labelled["gpu_xid_errors_total"] = xid_counts
+
+        processes = self._read_processes()
+        if processes is not None:
+            values["gpu_processes"] = float(len(processes))
+        return GpuReading(values=values, labelled=labelled, processes=processes or ())
+
+    def _read_fields(self, values: dict[str, float], labelled: dict[str, dict[str, float]]) -> None:
+        if not self.fields:
+            return
+        entries = self.call("field_values", pynvml.nvmlDeviceGetFieldValues, self.handle, self._field_ids)
+        if entries is None:
+            return
+        dropped = []
+        for field, entry in zip(self.fields, entries):
+            status = entry.nvmlReturn
+            if status != pynvml.NVML_SUCCESS:
+                if status in _LOST_ERRORS:
+                    raise GpuLost(f"GPU {self.index} ({self.identity.uuid}): field {field.field_id}: "
+                                  f"{pynvml.NVMLError(status)}")
+                if status in _CAPABILITY_ERRORS:
+                    dropped.append(field)
+                continue
+            member = _VALUE_MEMBER.get(entry.valueType)
+            if member is None:
+                continue
+            value = float(getattr(entry.value, member)) * field.scale
+            if field.label is None:
+                values[field.metric] = value
+            else:
+                labelled.setdefault(field.metric, {})[field.label] = value
+        if dropped:
+            for field in dropped:
+                self.unsupported.add(f"field:{field.field_id}")
+            log.info("GPU %d: NVML fields %s unsupported; leaving them out", self.index, [f.field_id for f in dropped])
+            self.fields = tuple(f for f in self.fields if f not in dropped)
+            self._field_ids = [(f.field_id, f.scope) for f in self.fields]
+
+    def _read_clocks(self, labelled: dict[str, dict[str, float]]) -> None:
+        clocks: dict[str, float] = {}
+        for name, clock_type, key in _CLOCKS:
+            mhz = self.call(key, pynvml.nvmlDeviceGetClockInfo, self.handle, clock_type)
+            if mhz is not None:
+                clocks[name] = mhz * 1e6
+        if clocks:
+            labelled["gpu_clock_hertz"] = clocks
+        reasons = self.call("clock_event_reasons", pynvml.nvmlDeviceGetCurrentClocksEventReasons, self.handle)
+        if reasons is not None:
+            labelled["gpu_clock_event_active"] = {
+                name: 1.0 if reasons & bit else 0.0 for name, bit in _CLOCK_EVENT_REASONS
+            }
+
+    def _read_processes(self) -> tuple[ProcessReading, ...] | None:
+        """Compute processes with their memory and SM share; None when this GPU cannot tell."""
+        infos = self._running_processes()
+        if infos is None:
+            return None
+        self._update_process_utilization({info.pid for info in infos})
+        return tuple(
+            ProcessReading(
+                pid=info.pid,
+                memory_used_bytes=None if info.usedGpuMemory is None else float(info.usedGpuMemory),
+                sm_active_ratio=self._process_sm.get(info.pid),
+            )
+            for info in infos
+        )
+
+    def _running_processes(self) -> list[Any] | None:
+        if "processes" in self.unsupported:
+            return None
+        try:
+            return pynvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
+        except pynvml.NVMLLibraryMismatchError:
+            # A driver older than the v3 call: the v2 call has the same layout in pynvml.
+            return self.call("processes", pynvml.nvmlDeviceGetComputeRunningProcesses_v2, self.handle)
+        except pynvml.NVMLError as err:
+            self.fail("processes", err)
+            return None
+
+    def _update_process_utilization(self, pids: set[int]) -> None:
+        """Fold in samples newer than the last one seen; NotFound means none, so keep the old values."""
+        samples = self.call("process_utilization", pynvml.nvmlDeviceGetProcessUtilization,
+                            self.handle, self._process_seen_us)
+        newest: dict[int, int] = {}
+        for sample in samples or ():
+            if sample.timeStamp >= newest.get(sample.pid, 0):
+                newest[sample.pid] = sample.timeStamp
+                self._process_sm[sample.pid] = _clamp_ratio(sample.smUtil)
+            self._process_seen_us = max(self._process_seen_us, sample.timeStamp)
+        for pid in [pid for pid in self._process_sm if pid not in pids]:
+            del self._process_sm[pid]
+
+    def close(self) -> None:
+        if self.gpm is not None:
+            self.gpm.free()
+            self.gpm = None
+
+
+class _XidWatcher:
+    """Counts XID events per (GPU, XID) on one background thread blocked in nvmlEventSetWait."""
+
+    def __init__(self, wait_ms: int) -> None:
+        self._wait_ms = wait_ms  # how long one nvmlEventSetWait blocks; bounds close()'s latency
+        self._lock = threading.Lock()
+        self._counts: dict[int, dict[str, float]] = {}
+        self._by_address: dict[int, int] = {}
+        self._by_uuid: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._event_set: Any = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, gpus: list[_Gpu]) -> None:
+        try:
+            self._event_set = pynvml.nvmlEventSetCreate()
+        except pynvml.NVMLError as err:
+            log.warning("XID events unavailable (nvmlEventSetCreate: %s); gpu_xid_errors_total is left out", err)
+            return
+        for gpu in gpus:
+            self.register(gpu)
+        self._thread = threading.Thread(target=self._run, name="nvml-xid-events", daemon=True)
+        self._thread.start()
+
+    def register(self, gpu: _Gpu) -> None:
+        """Watch one GPU (again, after a recovery). A GPU that refuses events is just not watched."""
+        if self._event_set is None:
+            return
+        try:
+            pynvml.nvmlDeviceRegisterEvents(gpu.handle, pynvml.nvmlEventTypeXidCriticalError, self._event_set)
+        except pynvml.NVMLError as err:
+            log.warning("GPU %d: XID events unavailable (%s)", gpu.index, err)
+            return
+        with self._lock:
+            self._by_address[_handle_address(gpu.handle)] = gpu.index
+            self._by_uuid[gpu.identity.uuid] = gpu.index
+
+    def counts(self, index: int) -> dict[str, float]:
+        """A copy of the XID counts of one GPU (the reading must not share a dict with this thread)."""
+        with self._lock:
+            counts = self._counts.get(index)
+            return dict(counts) if counts else {}
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = pynvml.nvmlEventSetWait_v2(self._event_set, self._wait_ms)
+            except pynvml.NVMLError_Timeout:
+                continue
+            except pynvml.NVMLError as err:  # e.g. a lost GPU in the set: back off, keep watching the rest
+                log.debug("nvmlEventSetWait: %s", err)
+                self._stop.wait(1.0)
+                continue
+            if data.eventType & pynvml.nvmlEventTypeXidCriticalError:
+                self._count(data.device, int(data.eventData))
+        try:
+            pynvml.nvmlEventSetFree(self._event_set)
+        except pynvml.NVMLError as err:
+            log.debug("nvmlEventSetFree: %s", err)
+
+    def _count(self, device: Any, xid: int) -> None:
+        with self._lock:
+            index = self._by_address.get(_handle_address(device))
+        if index is None:  # a handle we did not hand out: find the GPU by UUID
+            try:
+                index = self._by_uuid.get(_text(pynvml.nvmlDeviceGetUUID(device)))
+            except pynvml.NVMLError:
+                index = None
+        if index is None:
+            log.warning("XID %d on an unknown GPU", xid)
+            return
+        log.warning("GPU %d: XID %d", index, xid)
+        with self._lock:
+            per_gpu = self._counts.setdefault(index, {})
+            key = str(xid)
+            per_gpu[key] = per_gpu.get(key, 0.0) + 1.0
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=4 * self._wait_ms / 1000)
+            if self._thread.is_alive():
+                log.warning("the XID event thread did not stop (NVML call hung)")
+
+
+class NvmlBackend:
+    """Backend over NVML. Cheap to construct; `discover()` initialises the library."""
+
+    name = "nvml"
+
+    def __init__(self, config: Any = None, *, event_wait_ms: int = 500):
+        self._config = config
+        self._gpus: dict[int, _Gpu] = {}
+        self._xids = _XidWatcher(event_wait_ms)
+        self._initialized = False
+        self._system = ("", "")  # driver version, CUDA version: the same for every GPU
+
+    # --- Backend protocol -----------------------------------------------------------------------
+
+    def discover(self) -> list[GpuIdentity]:
+        self._init_library()
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+            driver_version = _text(pynvml.nvmlSystemGetDriverVersion())
+            cuda_version = self._optional(lambda: _cuda_version(pynvml.nvmlSystemGetCudaDriverVersion_v2()))
+        except pynvml.NVMLError as err:
+            self.close()
+            raise BackendUnavailable(f"NVML initialised but cannot list GPUs: {err}") from err
+        self._system = (driver_version, cuda_version)
+        for index in range(count):
+            self._gpus[index] = self._open(index, pynvml.nvmlDeviceGetHandleByIndex, index, unsupported=None)
+        self._xids.start([gpu for gpu in self._gpus.values() if gpu.handle is not None])
+        return [gpu.identity for gpu in self._gpus.values()]
+
+    def read(self, index: int) -> GpuReading:
+        gpu = self._gpus.get(index)
+        if gpu is None or gpu.handle is None:
+            raise GpuLost(f"GPU {index} has no NVML handle")
+        return gpu.read(self._xids.counts(index))
+
+    def recover(self, index: int) -> GpuIdentity:
+        old = self._gpus.get(index)
+        if old is None:
+            raise GpuLost(f"GPU {index} is unknown to NVML")
+        old.close()
+        if old.identity.uuid.startswith("GPU-"):
+            gpu = self._open(index, pynvml.nvmlDeviceGetHandleByUUID, old.identity.uuid, old.unsupported)
+        else:  # lost before we ever learnt its UUID
+            gpu = self._open(index, pynvml.nvmlDeviceGetHandleByIndex, index, old.unsupported)
+        self._gpus[index] = gpu
+        if gpu.handle is None:
+            raise GpuLost(f"GPU {index} is still not answering")
+        self._xids.register(gpu)
+        return gpu.identity
+
+    def close(self) -> None:
+        self._xids.stop()
+        for gpu in self._gpus.values():
+            gpu.close()
+        if self._initialized:
+            self._initialized = False
+            try:
+                pynvml.nvmlShutdown()
+            except pynvml.NVMLError as err:
+                log.debug("nvmlShutdown: %s", err)
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _init_library(self) -> None:
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError_LibraryNotFound as err:
+            raise BackendUnavailable(
+                f"NVML library libnvidia-ml.so.1 not found ({err}): is the NVIDIA driver installed? {SIM_HINT}"
+            ) from err
+        except pynvml.NVMLError_DriverNotLoaded as err:
+            raise BackendUnavailable(
+                f"the NVIDIA kernel driver is not loaded ({err}); load it or wait for it with --nvml.wait; {SIM_HINT}"
+            ) from err
+        except pynvml.NVMLError as err:
+            raise BackendUnavailable(f"NVML failed to initialise: {err}; {SIM_HINT}") from err
+        self._initialized = True
+
+    def _reinit_if_needed(self, err: pynvml.NVMLError) -> bool:
+        """After a GPU reset NVML may answer Uninitialized: initialise it again once."""
+        if err.value != pynvml.NVML_ERROR_UNINITIALIZED:
+            return False
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError:
+            return False
+        return True
+
+    def _open(self, index: int, get_handle: Callable[[Any], Any], key: Any, unsupported: set[str] | None) -> _Gpu:
+        """Acquire a GPU's handle, identity and GPM state. A GPU that does not answer comes back
+        with handle None and a placeholder identity, so it is reported down and retried."""
+        try:
+            try:
+                handle = get_handle(key)
+            except pynvml.NVMLError as err:
+                if not self._reinit_if_needed(err):
+                    raise
+                handle = get_handle(key)
+            identity, gpm = self._identify(index, handle)
+        except pynvml.NVMLError as err:
+            log.error("GPU %d does not answer: %s", index, err)
+            old = self._gpus.get(index)
+            identity = old.identity if old else GpuIdentity(index=index, uuid=f"unknown-{index}", name="unknown")
+            return _Gpu(index, None, identity, None, unsupported)
+        return _Gpu(index, handle, identity, gpm, unsupported)
+
+    def _identify(self, index: int, handle: Any) -> tuple[GpuIdentity, _Gpm | None]:
+        driver_version, cuda_version = self._system
+        uuid = _text(pynvml.nvmlDeviceGetUUID(handle))
+        gpm = self._open_gpm(index, handle)
+        identity = GpuIdentity(
+            index=index,
+            uuid=uuid,
+            name=_text(pynvml.nvmlDeviceGetName(handle)),
+            pci_bus_id=self._optional(lambda: _text(pynvml.nvmlDeviceGetPciInfo(handle).busId)),
+            driver_version=driver_version,
+            cuda_version=cuda_version,
+            serial=self._optional(lambda: _text(pynvml.nvmlDeviceGetSerial(handle))),
+            gpm_supported=gpm is not None,
+        )
+        mig = self._optional(lambda: pynvml.nvmlDeviceGetMigMode(handle)[0], default=0)
+        if mig == pynvml.NVML_DEVICE_MIG_ENABLE:
+            log.warning("GPU %d has MIG enabled: per-instance metrics are not collected yet; "
+                        "the GPU is reported as a whole", index)
+        return identity, gpm
+
+    def _open_gpm(self, index: int, handle: Any) -> _Gpm | None:
+        """GPM state when the GPU supports it (Hopper and newer); ArgumentVersionMismatch = no."""
+        try:
+            if not pynvml.nvmlGpmQueryDeviceSupport(handle).isSupportedDevice:
+                return None
+            return _Gpm(handle)
+        except pynvml.NVMLError as err:
+            if err.value in _LOST_ERRORS:
+                raise
+            log.info("GPU %d: GPM unavailable (%s)", index, err)
+            return None
+
+    @staticmethod
+    def _optional(getter: Callable[[], Any], default: Any = "") -> Any:
+        """An identity detail some GPUs or drivers do not have (serial, PCI info): default when missing."""
+        try:
+            return getter()
+        except pynvml.NVMLError as err:
+            if err.value in _LOST_ERRORS:
+                raise
+            return default
