@@ -1,0 +1,460 @@
+"""The phase accountant: per-GPU samples + phase windows -> cumulative per-(GPU, service, phase) totals.
+
+Why it is built this way (docs/phases.md has the full method):
+
+* Spans arrive late (the request must finish, then the sender batches for ~5 s), so samples and
+  windows wait in a per-GPU buffer and only time older than `now - settle` is finalised. Once
+  finalised, time is never revisited: counters only grow, and a window that would change finalised
+  time is refused (`too_late`) instead of silently rewriting history.
+* Time is split exactly at window boundaries (interval arithmetic on the union of windows), never
+  rounded to sampling ticks, so a 37 ms decode step counts 37 ms.
+* NVML's GPM ratios and the energy counter describe a whole sampling interval, so each interval's
+  activity and energy are shared among the phases by the phases' share of that interval.
+* The GPU's phase comes from the union of all services' windows on it. Where two services share a
+  GPU, time in which both are active is split equally between them and idle time is split equally
+  among all services tied to the GPU, so `sum by (gpu)` equals the GPU's wall time and energy.
+
+All inputs carry explicit wall-clock times; nothing here reads the clock, so tests drive time.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Iterable, NamedTuple
+
+from agent.snapshot import GpuSample
+from agent.spans.windows import DECODE, PREFILL, WORK_PHASES, PhaseWindow
+from agent.view import PHASES, PhaseSeries
+
+GpuKey = tuple[int, str]  # (index, uuid)
+
+MIXED = "mixed"
+IDLE = "idle"
+OTHER_SERVICE = "other"
+
+SM_ACTIVE = "gpu_sm_active_ratio"
+TENSOR_ACTIVE = "gpu_tensor_active_ratio"
+DRAM_ACTIVE = "gpu_dram_active_ratio"
+ENERGY = "gpu_energy_joules_total"
+POWER = "gpu_power_watts"
+
+# Rejection reasons (added by the lead to gpu_spans_rejected_total{reason}).
+INVALID_WINDOW = "invalid_window"  # unknown phase, non-finite times, end before start
+TOO_OLD = "too_old"  # ended before now - retention
+TOO_NEW = "too_new"  # starts after now + retention (sender clock far ahead)
+DUPLICATE = "duplicate"  # same key already held or recently counted on this GPU
+TOO_LATE = "too_late"  # starts inside time already finalised on this GPU
+BUFFER_FULL = "buffer_full"  # the GPU already holds max_windows_per_gpu pending windows
+
+DEFAULT_MAX_WINDOWS_PER_GPU = 100_000
+# The shortest sampling interval the config allows; sizes the per-GPU sample buffer.
+_MIN_SAMPLE_INTERVAL = 0.1
+
+
+def phase_of(prefill_active: bool, decode_active: bool) -> str:
+    """design.md §5: prefill only, decode only, both (mixed), or neither (idle)."""
+    if prefill_active and decode_active:
+        return MIXED
+    if prefill_active:
+        return PREFILL
+    if decode_active:
+        return DECODE
+    return IDLE
+
+
+class HeldWindow(NamedTuple):
+    """A PhaseWindow as held by the accountant: its service already folded under the label cap."""
+
+    start: float
+    end: float
+    phase: str
+    service: str
+    tokens: int
+    key: bytes
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of time with one GPU phase and one set of active services (empty when idle)."""
+
+    start: float
+    end: float
+    phase: str
+    services: tuple[str, ...]
+
+
+def timeline(windows: Iterable[HeldWindow], start: float, end: float) -> list[Segment]:
+    """Cut [start, end] into contiguous segments of constant phase and constant active services.
+
+    A sweep over the window edges clipped to [start, end]. The result depends only on the set of
+    windows, never on their order, so out-of-order arrival cannot change the accounting.
+    """
+    events: list[tuple[float, int, str, str]] = []
+    for window in windows:
+        lo, hi = max(window.start, start), min(window.end, end)
+        if lo < hi:
+            events.append((lo, 1, window.phase, window.service))
+            events.append((hi, -1, window.phase, window.service))
+    events.sort(key=lambda event: event[0])
+
+    active_by_phase = {PREFILL: 0, DECODE: 0}
+    active_by_service: Counter[str] = Counter()
+    segments: list[Segment] = []
+
+    def emit(lo: float, hi: float) -> None:
+        phase = phase_of(active_by_phase[PREFILL] > 0, active_by_phase[DECODE] > 0)
+        services = tuple(sorted(s for s, n in active_by_service.items() if n > 0))
+        if segments and segments[-1].phase == phase and segments[-1].services == services:
+            segments[-1] = Segment(segments[-1].start, hi, phase, services)
+        else:
+            segments.append(Segment(lo, hi, phase, services))
+
+    cursor, i = start, 0
+    while i < len(events):
+        instant = events[i][0]
+        if instant > cursor:
+            emit(cursor, instant)
+            cursor = instant
+        while i < len(events) and events[i][0] == instant:
+            _, delta, phase, service = events[i]
+            active_by_phase[phase] += delta
+            active_by_service[service] += delta
+            i += 1
+    if cursor < end:
+        emit(cursor, end)
+    return segments
+
+
+class _Reading(NamedTuple):
+    """The few numbers of one GpuSample the accountant needs."""
+
+    ts: float
+    sm: float | None
+    tensor: float | None
+    dram: float | None
+    energy: float | None
+    power: float | None
+
+    @classmethod
+    def of(cls, sample: GpuSample) -> "_Reading":
+        get = sample.values.get
+        return cls(sample.timestamp, get(SM_ACTIVE), get(TENSOR_ACTIVE), get(DRAM_ACTIVE), get(ENERGY), get(POWER))
+
+
+def interval_energy(prev: _Reading, cur: _Reading) -> float | None:
+    """Joules spent in (prev, cur]: the energy counter's increase, else mean power x duration.
+
+    A counter that went down was reset (driver reload): like Prometheus' increase(), count the
+    new value as the energy since the reset.
+    """
+    if prev.energy is not None and cur.energy is not None:
+        return cur.energy - prev.energy if cur.energy >= prev.energy else cur.energy
+    powers = [p for p in (prev.power, cur.power) if p is not None]
+    if powers:
+        return sum(powers) / len(powers) * (cur.ts - prev.ts)
+    return None
+
+
+class _Totals:
+    """Running totals of one (GPU, service, phase); integrals stay 0 until the GPU reports them."""
+
+    __slots__ = ("seconds", "tokens", "energy", "sm", "tensor", "dram")
+
+    def __init__(self) -> None:
+        self.seconds = self.tokens = self.energy = self.sm = self.tensor = self.dram = 0.0
+
+
+_QUANTITIES = ("energy", "sm", "tensor", "dram")
+
+
+class _GpuLedger:
+    """One GPU's buffer (samples and windows not yet final) and its finalised totals."""
+
+    def __init__(self, key: GpuKey, max_samples: int, max_windows: int) -> None:
+        self.key = key
+        self.max_windows = max_windows
+        self.anchor: _Reading | None = None  # the newest finalised sample: start of the next interval
+        self.pending_samples: deque[_Reading] = deque()
+        self.max_samples = max_samples
+        self.finalised_until = -math.inf
+        self.windows: list[HeldWindow] = []
+        self.pending_keys: set[bytes] = set()
+        self.recent_keys: dict[bytes, float] = {}  # keys of counted windows -> end, oldest first
+        self.configured_services: tuple[str, ...] = ()
+        self.learned_services: dict[str, None] = {}  # insertion-ordered set
+        self.totals: dict[tuple[str, str], _Totals] = {}
+        self.reported = dict.fromkeys(_QUANTITIES, False)  # which integrals this GPU ever had
+
+    # --- services ------------------------------------------------------------------------------
+
+    def services(self) -> tuple[str, ...]:
+        """Services tied to this GPU: configured (phase.map) first, then learned from windows."""
+        return tuple(dict.fromkeys(self.configured_services + tuple(self.learned_services)))
+
+    def ensure_series(self, service: str) -> bool:
+        """Create the four phase totals of a service; True when they are new."""
+        if (service, IDLE) in self.totals:
+            return False
+        for phase in PHASES:
+            self.totals[(service, phase)] = _Totals()
+        return True
+
+    # --- intake --------------------------------------------------------------------------------
+
+    def add_reading(self, reading: _Reading) -> None:
+        newest = self.pending_samples[-1].ts if self.pending_samples else self.finalised_until
+        if self.anchor is not None:
+            newest = max(newest, self.anchor.ts)
+        if not reading.ts > newest:  # repeated or out-of-order sample: the interval is already covered
+            return
+        if len(self.pending_samples) >= self.max_samples:
+            # advance() is not being called. Dropping a pending sample merges two intervals into
+            # one longer one: coarser, but no wall time and no energy is lost.
+            self.pending_samples.popleft()
+        self.pending_samples.append(reading)
+
+    def offer(self, window: HeldWindow) -> str | None:
+        """Hold a window; the rejection reason if it cannot be held."""
+        if window.key in self.pending_keys or window.key in self.recent_keys:
+            return DUPLICATE
+        if window.start < self.finalised_until:
+            return TOO_LATE
+        if len(self.windows) >= self.max_windows:
+            return BUFFER_FULL
+        self.windows.append(window)
+        self.pending_keys.add(window.key)
+        return None
+
+    # --- finalisation --------------------------------------------------------------------------
+
+    def finalise(self, cutoff: float, now: float, retention: float) -> bool:
+        """Account every sample interval ending at or before `cutoff`; True if totals changed."""
+        ready: list[_Reading] = []
+        while self.pending_samples and self.pending_samples[0].ts <= cutoff:
+            ready.append(self.pending_samples.popleft())
+        changed = False
+        if ready:
+            intervals = []
+            prev = self.anchor
+            for reading in ready:
+                if prev is not None:
+                    intervals.append((prev, reading))
+                prev = reading
+            self.anchor = prev
+            self.finalised_until = max(self.finalised_until, prev.ts)
+            if intervals:
+                changed |= self._credit_intervals(intervals)
+        elif not self.pending_samples and (self.anchor is None or self.anchor.ts < now - retention):
+            # No readings at all, or none for longer than retention (GPU lost): that time is
+            # unknown, not idle. Move the boundary on so held windows are counted and freed.
+            self.anchor = None
+            self.finalised_until = max(self.finalised_until, cutoff)
+        changed |= self._count_finished_windows()
+        self._forget_keys(now - retention)
+        return changed
+
+    def _credit_intervals(self, intervals: list[tuple[_Reading, _Reading]]) -> bool:
+        idle_services = self.services()
+        if not idle_services:  # no service tied to this GPU: its phase is unknown, not idle
+            return False
+        lo, hi = intervals[0][0].ts, intervals[-1][1].ts
+        relevant = [w for w in self.windows if w.start < hi and w.end > lo]
+        segments = timeline(relevant, lo, hi)
+        j = 0
+        for prev, cur in intervals:
+            a, b = prev.ts, cur.ts
+            energy = interval_energy(prev, cur)
+            ratios = {"sm": cur.sm, "tensor": cur.tensor, "dram": cur.dram, "energy": energy}
+            for name, value in ratios.items():
+                if value is not None:
+                    self.reported[name] = True
+            while j < len(segments) and segments[j].end <= a:
+                j += 1
+            k = j
+            while k < len(segments) and segments[k].start < b:
+                segment = segments[k]
+                overlap = min(segment.end, b) - max(segment.start, a)
+                if overlap > 0:
+                    self._credit(segment.services or idle_services, segment.phase, overlap, b - a, ratios)
+                k += 1
+        return True
+
+    def _credit(self, services: tuple[str, ...], phase: str, seconds: float, interval: float,
+                per_interval: dict[str, float | None]) -> None:
+        share = seconds / len(services)
+        for service in services:
+            self.ensure_series(service)
+            totals = self.totals[(service, phase)]
+            totals.seconds += share
+            if per_interval["energy"] is not None:
+                totals.energy += per_interval["energy"] * share / interval
+            if per_interval["sm"] is not None:
+                totals.sm += per_interval["sm"] * share
+            if per_interval["tensor"] is not None:
+                totals.tensor += per_interval["tensor"] * share
+            if per_interval["dram"] is not None:
+                totals.dram += per_interval["dram"] * share
+
+    def _count_finished_windows(self) -> bool:
+        finished = [w for w in self.windows if w.end <= self.finalised_until]
+        if not finished:
+            return False
+        self.windows = [w for w in self.windows if w.end > self.finalised_until]
+        for window in sorted(finished, key=lambda w: w.end):  # keeps recent_keys ordered by end
+            self.ensure_series(window.service)
+            self.totals[(window.service, window.phase)].tokens += window.tokens
+            self.pending_keys.discard(window.key)
+            self.recent_keys[window.key] = window.end
+        return True
+
+    def _forget_keys(self, older_than: float) -> None:
+        """Drop duplicate-detection keys once a duplicate would be refused as too_old anyway."""
+        keys = self.recent_keys
+        while keys:
+            oldest = next(iter(keys))
+            if keys[oldest] >= older_than and len(keys) <= self.max_windows:
+                break
+            del keys[oldest]
+
+    def series(self) -> list[PhaseSeries]:
+        index, uuid = self.key
+        out = []
+        for service in sorted({service for service, _ in self.totals}):
+            for phase in PHASES:
+                t = self.totals[(service, phase)]
+                out.append(PhaseSeries(
+                    gpu=index, uuid=uuid, service=service, phase=phase, seconds=t.seconds, tokens=t.tokens,
+                    energy_joules=t.energy if self.reported["energy"] else None,
+                    sm_active_seconds=t.sm if self.reported["sm"] else None,
+                    tensor_active_seconds=t.tensor if self.reported["tensor"] else None,
+                    dram_active_seconds=t.dram if self.reported["dram"] else None,
+                ))
+        return out
+
+
+class PhaseAccountant:
+    """Cumulative phase totals per (GPU, service, phase), fed by the sampler and the span worker.
+
+    Threads: the sampler calls add_sample()/set_mapping()/advance(), the span worker add_windows(),
+    scrapes series()/last_span()/rejected(). One lock, held for bounded work; series() returns a
+    tuple rebuilt only when totals changed, so a scrape never recomputes history.
+    """
+
+    def __init__(self, settle: float, retention: float, max_services: int,
+                 max_windows_per_gpu: int = DEFAULT_MAX_WINDOWS_PER_GPU) -> None:
+        if retention <= settle:
+            raise ValueError("retention must be longer than settle")
+        if max_services < 1:
+            raise ValueError("max_services must be at least 1")
+        self._settle = settle
+        self._retention = retention
+        self._max_services = max_services
+        self._max_windows = max_windows_per_gpu
+        self._max_samples = int(retention / _MIN_SAMPLE_INTERVAL) + 2
+        self._lock = threading.Lock()
+        self._ledgers: dict[GpuKey, _GpuLedger] = {}
+        self._services: set[str] = set()
+        self._now = -math.inf
+        self._rejected: Counter[str] = Counter()
+        self._last_span: dict[tuple[int, str, str], float] = {}
+        self._series: tuple[PhaseSeries, ...] = ()
+        self._dirty = False
+
+    # --- inputs --------------------------------------------------------------------------------
+
+    def add_sample(self, sample: GpuSample) -> None:
+        """One GPU's reading of one tick. Readings of a GPU that did not answer are skipped: the
+        next good reading's interval then spans the gap (its energy delta covers it exactly)."""
+        if not sample.up:
+            return
+        key = (sample.identity.index, sample.identity.uuid)
+        with self._lock:
+            self._ledger(key).add_reading(_Reading.of(sample))
+
+    def set_mapping(self, gpu_key: GpuKey, services: Iterable[str]) -> None:
+        """The services configured for a GPU (phase.map); its idle time is theirs."""
+        with self._lock:
+            ledger = self._ledger(gpu_key)
+            ledger.configured_services = tuple(dict.fromkeys(self._fold(s) for s in services))
+            for service in ledger.configured_services:
+                self._dirty |= ledger.ensure_series(service)
+
+    def add_windows(self, gpu_key: GpuKey, windows: Iterable[PhaseWindow]) -> None:
+        """Windows the mapper tied to this GPU. Refusals are counted by reason (see rejected())."""
+        with self._lock:
+            ledger = self._ledger(gpu_key)
+            for window in windows:
+                reason = self._screen(window)
+                held = None
+                if reason is None:
+                    held = HeldWindow(window.start, window.end, window.phase, self._fold(window.service),
+                                      int(window.tokens), window.key)
+                    reason = ledger.offer(held)
+                if reason is not None:
+                    self._rejected[reason] += 1
+                    continue
+                if held.service not in ledger.learned_services:
+                    ledger.learned_services[held.service] = None
+                    self._dirty |= ledger.ensure_series(held.service)
+                label = (gpu_key[0], gpu_key[1], held.service)
+                self._last_span[label] = max(self._last_span.get(label, -math.inf), held.end)
+
+    def advance(self, now: float) -> None:
+        """Finalise everything older than now - settle. A clock that steps back is held, not followed."""
+        with self._lock:
+            self._now = max(self._now, now)
+            cutoff = self._now - self._settle
+            for ledger in self._ledgers.values():
+                self._dirty |= ledger.finalise(cutoff, self._now, self._retention)
+
+    # --- outputs -------------------------------------------------------------------------------
+
+    def series(self) -> tuple[PhaseSeries, ...]:
+        with self._lock:
+            if self._dirty:
+                self._series = tuple(s for key in sorted(self._ledgers) for s in self._ledgers[key].series())
+                self._dirty = False
+            return self._series
+
+    def last_span(self) -> dict[tuple[int, str, str], float]:
+        """(gpu, uuid, service) -> unix end time of the newest window accepted there."""
+        with self._lock:
+            return dict(self._last_span)
+
+    def rejected(self) -> dict[str, int]:
+        """Windows refused so far, by reason; each (window, GPU) placement counts once."""
+        with self._lock:
+            return dict(self._rejected)
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _ledger(self, key: GpuKey) -> _GpuLedger:
+        ledger = self._ledgers.get(key)
+        if ledger is None:
+            ledger = self._ledgers[key] = _GpuLedger(key, self._max_samples, self._max_windows)
+        return ledger
+
+    def _fold(self, service: str) -> str:
+        """Bound the service label: the first max_services names are kept, later ones become 'other'."""
+        if service in self._services:
+            return service
+        if len(self._services) < self._max_services:
+            self._services.add(service)
+            return service
+        return OTHER_SERVICE
+
+    def _screen(self, window: PhaseWindow) -> str | None:
+        """Reasons to refuse a window that do not depend on the GPU."""
+        if window.phase not in WORK_PHASES or not (math.isfinite(window.start) and math.isfinite(window.end)) \
+                or window.end < window.start:
+            return INVALID_WINDOW
+        if self._now == -math.inf:  # before the first advance() there is no "now" to compare with
+            return None
+        if window.end < self._now - self._retention:
+            return TOO_OLD
+        if window.start > self._now + self._retention:
+            return TOO_NEW
+        return None

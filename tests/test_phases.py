@@ -1,0 +1,271 @@
+"""PhaseAccountant on hand-computed timelines: every expected number is worked out in the comments."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from agent.phases import OTHER_SERVICE, PhaseAccountant, timeline, HeldWindow, Segment
+from tests.phase_helpers import GPU0, GPU1, KEY0, KEY1, decode, prefill, sample, totals
+
+SETTLE = 15.0
+
+
+def accountant(**kw) -> PhaseAccountant:
+    kw.setdefault("settle", SETTLE)
+    kw.setdefault("retention", 300.0)
+    kw.setdefault("max_services", 8)
+    return PhaseAccountant(**kw)
+
+
+def feed(acc: PhaseAccountant, readings) -> None:
+    for reading in readings:
+        acc.add_sample(reading)
+
+
+def approx(value):
+    return pytest.approx(value, abs=1e-9)
+
+
+def test_overlapping_windows_give_prefill_mixed_decode_and_idle_gaps():
+    # Samples each second from 100 to 104; prefill [100.5, 101.5] straddles the sample at 101.
+    # Timeline: idle 100-100.5, prefill 100.5-101, mixed 101-101.5, decode 101.5-103, idle 103-104.
+    acc = accountant()
+    feed(acc, [sample(100, sm=0.0, energy=1000), sample(101, sm=0.4, energy=1300),
+               sample(102, sm=0.8, energy=1800), sample(103, sm=0.6, energy=2200),
+               sample(104, sm=0.1, energy=2250)])
+    acc.add_windows(KEY0, [prefill(100.5, 101.5, tokens=512), decode(101.0, 103.0, tokens=64)])
+    acc.advance(104 + SETTLE)
+
+    t = totals(acc)
+    assert {p: t[p].seconds for p in t} == {"prefill": approx(0.5), "mixed": approx(0.5),
+                                            "decode": approx(1.5), "idle": approx(1.5)}
+    # sm x overlap: (100,101] 0.4 -> idle .2 prefill .2; (101,102] 0.8 -> mixed .4 decode .4;
+    # (102,103] 0.6 -> decode .6; (103,104] 0.1 -> idle .1
+    assert {p: t[p].sm_active_seconds for p in t} == {"prefill": approx(0.2), "mixed": approx(0.4),
+                                                      "decode": approx(1.0), "idle": approx(0.3)}
+    # energy deltas 300, 500, 400, 50 split by share: idle 150+50, prefill 150, mixed 250, decode 250+400
+    assert {p: t[p].energy_joules for p in t} == {"prefill": approx(150), "mixed": approx(250),
+                                                  "decode": approx(650), "idle": approx(200)}
+    assert {p: t[p].tokens for p in t} == {"prefill": 512, "mixed": 0, "decode": 64, "idle": 0}
+    # The samples carried no tensor/DRAM figures: those integrals are absent, not zero.
+    assert all(s.tensor_active_seconds is None and s.dram_active_seconds is None for s in t.values())
+
+
+def test_only_time_older_than_settle_is_finalised_and_tokens_wait_for_the_window_end():
+    acc = accountant()
+    feed(acc, [sample(100, energy=0), sample(101, energy=10), sample(102, energy=20)])
+    acc.add_windows(KEY0, [prefill(100.5, 101.5, tokens=7)])
+    acc.advance(101 + SETTLE)  # only (100, 101] is final; the window is half done
+    t = totals(acc)
+    assert t["idle"].seconds == approx(0.5) and t["prefill"].seconds == approx(0.5)
+    assert t["prefill"].tokens == 0
+    acc.advance(102 + SETTLE)
+    t = totals(acc)
+    assert t["idle"].seconds == approx(1.0) and t["prefill"].seconds == approx(1.0)
+    assert t["prefill"].tokens == 7
+
+
+def test_late_window_within_settle_is_counted_beyond_it_rejected_too_late():
+    acc = accountant()
+    feed(acc, [sample(100), sample(101), sample(102), sample(103)])
+    acc.add_windows(KEY0, [decode(100.0, 100.2)])  # teaches the GPU its service
+    acc.advance(101 + SETTLE)  # (100, 101] final
+    acc.add_windows(KEY0, [decode(101.0, 102.0, tokens=3)])  # late, but time not final yet: counted
+    acc.add_windows(KEY0, [decode(100.5, 101.5, tokens=9)])  # touches final time: refused whole
+    acc.advance(103 + SETTLE)
+
+    t = totals(acc)
+    assert t["decode"].seconds == approx(0.2 + 1.0)
+    assert t["idle"].seconds == approx(3.0 - 1.2)
+    assert t["decode"].tokens == 3
+    assert acc.rejected() == {"too_late": 1}
+
+
+def test_duplicates_count_once_while_held_and_after_counting():
+    acc = accountant()
+    feed(acc, [sample(100), sample(102)])
+    first = prefill(100.0, 101.0, tokens=5, key=b"trace-span-prefill")
+    acc.add_windows(KEY0, [first, first])
+    acc.advance(102 + SETTLE)
+    acc.add_windows(KEY0, [first])  # a sender retry after the window was counted
+    t = totals(acc)
+    assert t["prefill"].seconds == approx(1.0) and t["prefill"].tokens == 5
+    assert acc.rejected() == {"duplicate": 2}
+
+
+def test_same_window_on_two_gpus_counts_on_each():
+    # Tensor parallelism: one request's window belongs to both GPUs; dedupe is per GPU.
+    acc = accountant()
+    feed(acc, [sample(100, GPU0), sample(101, GPU0), sample(100, GPU1), sample(101, GPU1)])
+    shared = prefill(100.0, 101.0, key=b"tp2")
+    acc.add_windows(KEY0, [shared])
+    acc.add_windows(KEY1, [shared])
+    acc.advance(101 + SETTLE)
+    assert totals(acc, gpu=0)["prefill"].seconds == approx(1.0)
+    assert totals(acc, gpu=1)["prefill"].seconds == approx(1.0)
+    assert acc.rejected() == {}
+
+
+def test_too_old_too_new_and_invalid_windows_are_refused():
+    acc = accountant(retention=60.0)
+    acc.advance(1000.0)
+    acc.add_windows(KEY0, [prefill(900.0, 930.0), decode(1100.0, 1101.0), prefill(5.0, 4.0),
+                           prefill(float("nan"), 1.0)])
+    assert acc.rejected() == {"too_old": 1, "too_new": 1, "invalid_window": 2}
+    assert acc.series() == ()  # nothing accepted: the GPU learned no service
+
+
+def test_unmapped_gpu_has_no_series_and_mapped_gpu_without_spans_is_idle():
+    acc = accountant()
+    for ts in (100, 101, 102):
+        acc.add_sample(sample(ts, GPU0, power=75.0))
+        acc.add_sample(sample(ts, GPU1, power=80.0))
+    acc.set_mapping(KEY1, ["vllm"])
+    acc.advance(102 + SETTLE)
+    assert {s.gpu for s in acc.series()} == {1}  # GPU 0: unknown, not idle
+    t = totals(acc, gpu=1, service="vllm")
+    assert t["idle"].seconds == approx(2.0)
+    assert t["idle"].energy_joules == approx(160.0)  # no energy counter: 80 W x 2 s
+    assert t["idle"].sm_active_seconds is None  # no GPM on these readings
+    assert t["prefill"].seconds == 0.0
+
+
+def test_energy_counter_reset_counts_the_value_since_the_reset():
+    acc = accountant()
+    acc.set_mapping(KEY0, ["llm"])
+    feed(acc, [sample(100, energy=5000.0), sample(101, energy=5400.0), sample(102, energy=30.0)])
+    acc.advance(102 + SETTLE)
+    assert totals(acc)["idle"].energy_joules == approx(400.0 + 30.0)
+
+
+def test_power_fallback_uses_the_mean_of_both_ends():
+    acc = accountant()
+    acc.set_mapping(KEY0, ["llm"])
+    feed(acc, [sample(100, power=100.0), sample(102, power=300.0)])
+    acc.add_windows(KEY0, [decode(100.0, 101.5)])
+    acc.advance(102 + SETTLE)
+    t = totals(acc)
+    # 200 W mean x 2 s = 400 J, split 1.5 : 0.5
+    assert t["decode"].energy_joules == approx(300.0) and t["idle"].energy_joules == approx(100.0)
+
+
+def test_all_three_activity_integrals_split_by_share():
+    acc = accountant()
+    feed(acc, [sample(0, sm=0, tensor=0, dram=0), sample(4, sm=0.5, tensor=0.25, dram=1.0)])
+    acc.add_windows(KEY0, [prefill(1.0, 2.0), decode(2.0, 4.0)])
+    acc.advance(4 + SETTLE)
+    t = totals(acc)
+    assert (t["prefill"].sm_active_seconds, t["prefill"].tensor_active_seconds,
+            t["prefill"].dram_active_seconds) == (approx(0.5), approx(0.25), approx(1.0))
+    assert (t["decode"].sm_active_seconds, t["decode"].tensor_active_seconds,
+            t["decode"].dram_active_seconds) == (approx(1.0), approx(0.5), approx(2.0))
+    assert t["mixed"].sm_active_seconds == 0.0  # GPM present: a phase with no time integrates to 0
+
+
+def test_readings_of_a_gpu_that_did_not_answer_are_skipped():
+    acc = accountant()
+    acc.set_mapping(KEY0, ["llm"])
+    feed(acc, [sample(100, energy=0.0), sample(101, up=False), sample(102, energy=90.0)])
+    acc.advance(102 + SETTLE)
+    t = totals(acc)
+    assert t["idle"].seconds == approx(2.0) and t["idle"].energy_joules == approx(90.0)
+
+
+def test_two_services_on_one_gpu_share_joint_and_idle_time_equally():
+    # a prefills 0-2, b decodes 1-3, both configured on the GPU; samples 0 and 4.
+    # 0-1 prefill (a), 1-2 mixed (a, b: half each), 2-3 decode (b), 3-4 idle (a, b: half each).
+    acc = accountant()
+    acc.set_mapping(KEY0, ["a", "b"])
+    feed(acc, [sample(0, energy=0.0), sample(4, energy=400.0)])
+    acc.add_windows(KEY0, [prefill(0.0, 2.0, service="a"), decode(1.0, 3.0, service="b")])
+    acc.advance(4 + SETTLE)
+    a, b = totals(acc, service="a"), totals(acc, service="b")
+    assert {p: a[p].seconds for p in a} == {"prefill": approx(1), "mixed": approx(0.5), "decode": 0,
+                                            "idle": approx(0.5)}
+    assert {p: b[p].seconds for p in b} == {"prefill": 0, "mixed": approx(0.5), "decode": approx(1),
+                                            "idle": approx(0.5)}
+    assert sum(s.energy_joules for s in acc.series()) == approx(400.0)
+
+
+def test_service_names_beyond_the_cap_become_other():
+    acc = accountant(max_services=2)
+    feed(acc, [sample(0), sample(1)])
+    acc.add_windows(KEY0, [prefill(0.0, 0.1, service="a"), prefill(0.1, 0.2, service="b"),
+                           prefill(0.2, 0.3, service="c"), prefill(0.3, 0.4, service="d")])
+    acc.advance(1 + SETTLE)
+    assert {s.service for s in acc.series()} == {"a", "b", OTHER_SERVICE}
+    assert totals(acc, service=OTHER_SERVICE)["prefill"].seconds == approx(0.2)
+
+
+def test_last_span_tracks_the_newest_window_end_per_gpu_and_service():
+    acc = accountant()
+    acc.add_windows(KEY0, [prefill(10.0, 11.0), decode(11.0, 19.5), prefill(12.0, 13.0, service="x")])
+    acc.add_windows(KEY1, [decode(5.0, 6.0)])
+    assert acc.last_span() == {(0, "GPU-aaaa", "llm"): 19.5, (0, "GPU-aaaa", "x"): 13.0,
+                               (1, "GPU-bbbb", "llm"): 6.0}
+
+
+def test_window_cap_per_gpu_drops_and_counts():
+    acc = accountant(max_windows_per_gpu=3)
+    acc.add_windows(KEY0, [prefill(float(i), i + 0.5) for i in range(5)])
+    assert acc.rejected() == {"buffer_full": 2}
+
+
+def test_gpu_never_sampled_still_counts_tokens_and_frees_its_windows():
+    acc = accountant()
+    acc.add_windows(KEY0, [decode(100.0, 101.0, tokens=4)])
+    acc.advance(101 + SETTLE)
+    t = totals(acc)
+    assert t["decode"].tokens == 4 and t["decode"].seconds == 0.0  # no readings: no time claimed
+    acc.add_windows(KEY0, [decode(100.5, 100.9)])
+    assert acc.rejected() == {"too_late": 1}
+
+
+def test_timeline_merges_equal_neighbours_and_ignores_order():
+    windows = [HeldWindow(1.0, 2.0, "prefill", "s", 0, b"1"), HeldWindow(2.0, 3.0, "prefill", "s", 0, b"2"),
+               HeldWindow(2.5, 4.0, "decode", "s", 0, b"3")]
+    expected = [Segment(0.0, 1.0, "idle", ()), Segment(1.0, 2.5, "prefill", ("s",)),
+                Segment(2.5, 3.0, "mixed", ("s",)), Segment(3.0, 4.0, "decode", ("s",)),
+                Segment(4.0, 5.0, "idle", ())]
+    assert timeline(windows, 0.0, 5.0) == expected
+    assert timeline(list(reversed(windows)), 0.0, 5.0) == expected
+
+
+def test_series_object_is_reused_until_something_changes():
+    acc = accountant()
+    acc.set_mapping(KEY0, ["llm"])
+    feed(acc, [sample(0), sample(1)])
+    acc.advance(1 + SETTLE)
+    first = acc.series()
+    assert acc.series() is first
+    acc.add_sample(sample(2))
+    acc.advance(2 + SETTLE)
+    assert acc.series() is not first
+
+
+def test_concurrent_producers_keep_time_exact():
+    acc = accountant()
+    acc.set_mapping(KEY0, ["llm"])
+    span_count = 400
+
+    def send_spans():
+        for i in range(span_count):
+            acc.add_windows(KEY0, [prefill(100 + i * 0.1, 100 + i * 0.1 + 0.05, tokens=1)])
+
+    def sample_and_scrape():
+        for tick in range(100, 141):
+            acc.add_sample(sample(float(tick)))
+            acc.series()
+
+    threads = [threading.Thread(target=send_spans), threading.Thread(target=sample_and_scrape)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    acc.advance(140 + SETTLE)
+    t = totals(acc)
+    assert sum(s.seconds for s in t.values()) == approx(40.0)
+    assert t["prefill"].seconds == pytest.approx(span_count * 0.05, abs=1e-6)
+    assert t["prefill"].tokens == span_count
