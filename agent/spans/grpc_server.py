@@ -26,7 +26,6 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from agent.spans.receiver import (
     MALFORMED,
-    QUEUE_FULL,
     RETRY_AFTER_SECONDS,
     TOO_LARGE,
     MalformedRequest,

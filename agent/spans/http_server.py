@@ -12,7 +12,6 @@ OTel exporters. Every refusal is counted in gpu_spans_rejected_total{reason}.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import logging
 import socket
@@ -31,7 +30,6 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from agent.spans.receiver import (
     MALFORMED,
-    QUEUE_FULL,
     RETRY_AFTER_SECONDS,
     TOO_LARGE,
     UNAUTHORIZED,

@@ -48,7 +48,7 @@ class DecodeOutcome:
     def rejected_spans(self) -> int:
         return sum(self.rejected.values())
 
-    def _reject(self, reason: str, message: str) -> None:
+    def reject(self, reason: str, message: str) -> None:
         self.rejected[reason] += 1
         if not self.first_error:
             self.first_error = message
@@ -70,14 +70,14 @@ def _decode_span(resource: ResourceInfo, scope, span, outcome: DecodeOutcome) ->
         try:
             windows = decoder(resource, scope, span)
         except InvalidSpan as error:
-            outcome._reject(INVALID_WINDOW, f"{name}: {error}")
+            outcome.reject(INVALID_WINDOW, f"{name}: {error}")
             return
         except UnmatchedSpan as unmatched:
             outcome.unmatched[unmatched.reason] += 1
             return
         except Exception:  # a decoder bug must cost one span, never the receiver
             log.exception("decoder %s failed on span %r", name, span.name[:64])
-            outcome._reject(DECODER_ERROR, f"{name}: internal error")
+            outcome.reject(DECODER_ERROR, f"{name}: internal error")
             return
         if windows is not None:
             outcome.received[name] += 1
