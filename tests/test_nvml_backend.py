@@ -88,6 +88,7 @@ def read_with_gpm(backend, index):
     ("nvmlGpmMetric_t", pynvml.c_nvmlGpmMetric_t),
     ("nvmlGpmMetricsGet_t", pynvml.c_nvmlGpmMetricsGet_t),
     ("nvmlGpmSupport_t", pynvml.c_nvmlGpmSupport_t),
+    ("nvmlTemperature_v1_t", pynvml.c_nvmlTemperature_v1_t),
 ])
 def test_fake_struct_layouts_match_pynvml(fake, c_name, ctypes_struct):
     assert fake.sizeof(c_name) == ctypes.sizeof(ctypes_struct)
@@ -180,6 +181,27 @@ def test_unsupported_metrics_are_left_out_and_probed_only_once(backend, fake):
     assert fake.call_count("gpm10") == 1
     # the other GPU is unaffected
     assert "gpu_clock_event_active" in backend.read(1).labelled
+
+
+def test_temperature_falls_back_to_the_deprecated_call_on_old_drivers(backend, fake):
+    fake.control({"gpu0.unsupported": "nvmlDeviceGetTemperatureV"})
+    backend.discover()
+    for _ in range(3):
+        assert 20 <= backend.read(0).values["gpu_temperature_celsius"] <= 100
+    assert fake.call_count("nvmlDeviceGetTemperatureV") == 1
+    assert fake.call_count("nvmlDeviceGetTemperature") == 3
+
+
+def test_discover_after_close_starts_again(fake):
+    backend = NvmlBackend(Config(), event_wait_ms=EVENT_WAIT_MS)
+    first = backend.discover()
+    backend.close()
+    try:
+        assert backend.discover() == first
+        fake.control({"gpu1.xid": [48]})
+        eventually(lambda: backend.read(1).labelled.get("gpu_xid_errors_total") == {"48": 1.0})
+    finally:
+        backend.close()
 
 
 def test_processes_and_no_permission(backend, fake):

@@ -271,7 +271,9 @@ class _Gpu:
             values["gpu_memory_free_bytes"] = float(memory.free)
             values["gpu_memory_used_bytes"] = float(memory.total - memory.free)
 
-        temperature = self.call("temperature", pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU)
+        temperature = self.call("temperature_v", pynvml.nvmlDeviceGetTemperatureV, handle, pynvml.NVML_TEMPERATURE_GPU)
+        if temperature is None and "temperature_v" in self.unsupported:  # drivers before nvmlDeviceGetTemperatureV
+            temperature = self.call("temperature", pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU)
         if temperature is not None:
             values["gpu_temperature_celsius"] = float(temperature)
 
@@ -479,6 +481,7 @@ class NvmlBackend:
     def __init__(self, config: Any = None, *, event_wait_ms: int = 500):
         self._config = config
         self._gpus: dict[int, _Gpu] = {}
+        self._event_wait_ms = event_wait_ms
         self._xids = _XidWatcher(event_wait_ms)
         self._initialized = False
         self._system = ("", "")  # driver version, CUDA version: the same for every GPU
@@ -523,8 +526,10 @@ class NvmlBackend:
 
     def close(self) -> None:
         self._xids.stop()
+        self._xids = _XidWatcher(self._event_wait_ms)  # a later discover() starts a fresh one
         for gpu in self._gpus.values():
             gpu.close()
+        self._gpus = {}
         if self._initialized:
             self._initialized = False
             try:

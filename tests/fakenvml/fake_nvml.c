@@ -203,6 +203,7 @@ long fake_nvml_sizeof(const char *type) {
     if (!strcmp(type, "nvmlGpmMetric_t")) return sizeof(nvmlGpmMetric_t);
     if (!strcmp(type, "nvmlGpmMetricsGet_t")) return sizeof(nvmlGpmMetricsGet_t);
     if (!strcmp(type, "nvmlGpmSupport_t")) return sizeof(nvmlGpmSupport_t);
+    if (!strcmp(type, "nvmlTemperature_v1_t")) return sizeof(struct { unsigned int v, s; int t; });
     return -1;
 }
 
@@ -603,6 +604,17 @@ nvmlReturn_t nvmlDeviceGetTemperature(nvmlDevice_t device, unsigned int sensor, 
     DEVICE_ENTRY(device);
     if (sensor != 0) return NVML_ERROR_INVALID_ARGUMENT;
     *temp = (unsigned int)(35.0 + 0.4 * utilization(elapsed(), gpu));
+    return NVML_SUCCESS;
+}
+
+typedef struct { unsigned int version, sensorType; int temperature; } nvmlTemperature_v1_t;
+#define TEMPERATURE_V1_VERSION 0x100000Cu
+
+nvmlReturn_t nvmlDeviceGetTemperatureV(nvmlDevice_t device, nvmlTemperature_v1_t *temp) {
+    DEVICE_ENTRY(device);
+    if (temp->version != TEMPERATURE_V1_VERSION) return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    if (temp->sensorType != 0) return NVML_ERROR_INVALID_ARGUMENT;
+    temp->temperature = (int)(35.0 + 0.4 * utilization(elapsed(), gpu));
     return NVML_SUCCESS;
 }
 
