@@ -1,0 +1,305 @@
+"""The Prometheus exporter-toolkit web config file: TLS, basic auth and response headers.
+
+Same file format as node_exporter's --web.config.file, so an operator's existing file works:
+
+    tls_server_config:
+      cert_file: server.crt            # relative paths are relative to this file
+      key_file: server.key
+      client_auth_type: RequireAndVerifyClientCert
+      client_ca_file: ca.crt
+      min_version: TLS13
+    basic_auth_users:
+      prometheus: $2b$12$...           # bcrypt hash (htpasswd -nBC 12 "" | tr -d ':')
+    http_server_config:
+      headers:
+        Strict-Transport-Security: max-age=31536000
+
+Like exporter-toolkit, unknown keys are errors (a typo must not silently turn security off).
+Two toolkit client_auth_type values cannot be honoured with Python's ssl module, which always
+verifies a client certificate it asks for: RequestClientCert and RequireAnyClientCert are
+refused with a message naming the verified equivalents. The results (an SSLContext and a
+BasicAuth checker) are independent of any server so the OTLP HTTP receiver can reuse them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import re
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import bcrypt
+import yaml
+
+
+class WebConfigError(ValueError):
+    """The web config file is unusable; the message names the file and the reason."""
+
+
+_TOP_LEVEL_KEYS = {"tls_server_config", "basic_auth_users", "http_server_config"}
+_TLS_KEYS = {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version", "max_version"}
+# Valid for exporter-toolkit but not implemented here: say so instead of calling them unknown.
+_TLS_KEYS_UNSUPPORTED = {
+    "cert", "key", "client_ca", "cipher_suites", "curve_preferences",
+    "prefer_server_cipher_suites", "client_allowed_sans",
+}
+_HTTP_KEYS = {"headers", "http2"}
+# exporter-toolkit lets only these response headers be configured; the same rule here.
+_ALLOWED_HEADERS = (
+    "Content-Security-Policy",
+    "X-Frame-Options",
+    "X-Content-Type-Options",
+    "X-XSS-Protection",
+    "Strict-Transport-Security",
+)
+_TLS_VERSIONS = {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
+_CLIENT_AUTH = {
+    "NoClientCert": ssl.CERT_NONE,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
+_CLIENT_AUTH_UNVERIFIED = ("RequestClientCert", "RequireAnyClientCert")
+_BCRYPT_HASH = re.compile(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """What a server applies: TLS (None = plain HTTP), basic auth (None = open), extra headers."""
+
+    ssl_context: ssl.SSLContext | None = None
+    auth: "BasicAuth | None" = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def load_web_config(path: str) -> WebConfig:
+    """Read and validate a web config file; '' means no file (plain HTTP, no auth)."""
+    if not path:
+        return WebConfig()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle)
+    except OSError as err:
+        raise WebConfigError(f"{path}: cannot read web config file: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise WebConfigError(f"{path}: invalid YAML: {err}") from None
+    return parse_web_config(raw, path)
+
+
+def parse_web_config(raw: Any, path: str) -> WebConfig:
+    """Validate an already-parsed web config; `path` is used for messages and relative file names."""
+    if raw is None:
+        return WebConfig()
+    root = _mapping(raw, path, "the web config")
+    _check_keys(root, _TOP_LEVEL_KEYS, set(), path, "")
+    base_dir = os.path.dirname(os.path.abspath(path))
+    tls = _mapping(root.get("tls_server_config"), path, "tls_server_config")
+    users = _mapping(root.get("basic_auth_users"), path, "basic_auth_users")
+    http = _mapping(root.get("http_server_config"), path, "http_server_config")
+    return WebConfig(
+        ssl_context=_ssl_context(tls, base_dir, path),
+        auth=_basic_auth(users, path),
+        headers=_headers(http, path),
+    )
+
+
+def _fail(path: str, reason: str) -> WebConfigError:
+    return WebConfigError(f"{path}: {reason}")
+
+
+def _mapping(value: Any, path: str, what: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _fail(path, f"{what} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _check_keys(section: Mapping[str, Any], known: set[str], unsupported: set[str], path: str, where: str) -> None:
+    for key in section:
+        name = f"{where}{key}"
+        if key in unsupported:
+            raise _fail(path, f"{name} is an exporter-toolkit setting gpuphase does not support")
+        if key not in known:
+            raise _fail(path, f"unknown key {name!r} (known: {', '.join(sorted(known))})")
+
+
+def _string(section: Mapping[str, Any], key: str, path: str, where: str) -> str:
+    value = section.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _fail(path, f"{where}{key} must be a string, got {type(value).__name__}")
+    return value
+
+
+# --- TLS ------------------------------------------------------------------------------------------
+
+
+def _ssl_context(tls: Mapping[str, Any], base_dir: str, path: str) -> ssl.SSLContext | None:
+    where = "tls_server_config."
+    _check_keys(tls, _TLS_KEYS, _TLS_KEYS_UNSUPPORTED, path, where)
+    values = {key: _string(tls, key, path, where) for key in _TLS_KEYS}
+    if not any(values.values()):
+        return None  # an empty tls_server_config means plain HTTP, as in exporter-toolkit
+    if not values["cert_file"]:
+        raise _fail(path, f"{where}cert_file is missing")
+    if not values["key_file"]:
+        raise _fail(path, f"{where}key_file is missing")
+
+    def resolve(name: str) -> str:
+        return os.path.join(base_dir, name)
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = _tls_version(values["min_version"] or "TLS12", path, where + "min_version")
+    if values["max_version"]:
+        context.maximum_version = _tls_version(values["max_version"], path, where + "max_version")
+    if context.maximum_version != ssl.TLSVersion.MAXIMUM_SUPPORTED and context.maximum_version < context.minimum_version:
+        raise _fail(path, f"{where}max_version is lower than min_version")
+    try:
+        context.load_cert_chain(resolve(values["cert_file"]), resolve(values["key_file"]))
+    except (OSError, ssl.SSLError) as err:
+        raise _fail(path, f"cannot load {where}cert_file {values['cert_file']!r} / key_file "
+                          f"{values['key_file']!r}: {_describe(err)}") from None
+    _client_auth(context, values["client_auth_type"], values["client_ca_file"], resolve, path, where)
+    return context
+
+
+def _tls_version(value: str, path: str, key: str) -> ssl.TLSVersion:
+    try:
+        return _TLS_VERSIONS[value]
+    except KeyError:
+        raise _fail(path, f"{key}: unsupported TLS version {value!r} (use TLS12 or TLS13)") from None
+
+
+def _client_auth(context: ssl.SSLContext, auth_type: str, ca_file: str, resolve, path: str, where: str) -> None:
+    auth_type = auth_type or "NoClientCert"
+    if auth_type in _CLIENT_AUTH_UNVERIFIED:
+        raise _fail(path, f"{where}client_auth_type {auth_type} (accepting client certificates without "
+                          "verifying them) is not supported; use VerifyClientCertIfGiven or "
+                          "RequireAndVerifyClientCert with client_ca_file")
+    if auth_type not in _CLIENT_AUTH:
+        raise _fail(path, f"{where}client_auth_type: invalid value {auth_type!r} "
+                          f"(one of {', '.join(list(_CLIENT_AUTH) + list(_CLIENT_AUTH_UNVERIFIED))})")
+    verify_mode = _CLIENT_AUTH[auth_type]
+    if ca_file and verify_mode == ssl.CERT_NONE:
+        raise _fail(path, f"{where}client_ca_file is set but client_auth_type is {auth_type}; "
+                          "set client_auth_type to verify client certificates")
+    if verify_mode != ssl.CERT_NONE and not ca_file:
+        raise _fail(path, f"{where}client_auth_type {auth_type} needs client_ca_file")
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=resolve(ca_file))
+        except (OSError, ssl.SSLError) as err:
+            raise _fail(path, f"cannot load {where}client_ca_file {ca_file!r}: {_describe(err)}") from None
+    context.verify_mode = verify_mode
+
+
+def _describe(err: Exception) -> str:
+    if isinstance(err, ssl.SSLError):
+        return err.reason or str(err)
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err)
+
+
+# --- basic auth ---------------------------------------------------------------------------------
+
+
+def _basic_auth(users: Mapping[str, Any], path: str) -> "BasicAuth | None":
+    if not users:
+        return None
+    hashes: dict[str, bytes] = {}
+    for user, hashed in users.items():
+        if not isinstance(user, str) or not user or ":" in user:
+            raise _fail(path, f"basic_auth_users: invalid user name {user!r} (non-empty, no ':')")
+        if not isinstance(hashed, str) or not _BCRYPT_HASH.match(hashed):
+            raise _fail(path, f"basic_auth_users.{user}: the password must be a bcrypt hash ($2b$...), "
+                              "e.g. from htpasswd -nBC 12")
+        if not 4 <= int(hashed.split("$")[2]) <= 31:
+            raise _fail(path, f"basic_auth_users.{user}: bcrypt cost must be between 4 and 31")
+        hashes[user] = hashed.encode("ascii")
+    return BasicAuth(hashes)
+
+
+class BasicAuth:
+    """Checks an HTTP Authorization header against bcrypt hashes.
+
+    A bcrypt check costs ~100 ms of CPU by design; Prometheus sends the same credentials every
+    scrape, so successful checks are remembered by a SHA-256 of (user, hash, password) — the
+    cache holds no password. Unknown users still pay one bcrypt so response time does not reveal
+    which user names exist.
+    """
+
+    MAX_CACHED = 1024
+
+    def __init__(self, hashes: Mapping[str, bytes]):
+        self._hashes = dict(hashes)
+        # Same cost as the most expensive configured hash, so unknown users take as long.
+        cost = max(int(h.split(b"$")[2]) for h in self._hashes.values())
+        self._dummy_hash = bcrypt.hashpw(b"not a password", bcrypt.gensalt(rounds=max(cost, 4)))
+        self._verified: set[bytes] = set()
+        self._lock = threading.Lock()
+
+    def check_header(self, authorization: str | None) -> bool:
+        """True if `authorization` is 'Basic base64(user:password)' for a configured user."""
+        credentials = _parse_basic(authorization)
+        return credentials is not None and self.check(*credentials)
+
+    def check(self, user: str, password: str) -> bool:
+        hashed = self._hashes.get(user)
+        key = hashlib.sha256(b"\0".join((user.encode(), hashed or b"", password.encode()))).digest()
+        with self._lock:
+            if hashed is not None and key in self._verified:
+                return True
+        try:
+            ok = bcrypt.checkpw(password.encode(), hashed or self._dummy_hash)
+        except ValueError:  # e.g. a password with a NUL byte
+            ok = False
+        if not ok or hashed is None:
+            return False
+        with self._lock:
+            if len(self._verified) >= self.MAX_CACHED:
+                self._verified.clear()
+            self._verified.add(key)
+        return True
+
+
+def _parse_basic(authorization: str | None) -> tuple[str, str] | None:
+    if not authorization:
+        return None
+    scheme, _, encoded = authorization.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep else None
+
+
+# --- response headers ---------------------------------------------------------------------------
+
+
+def _headers(http: Mapping[str, Any], path: str) -> tuple[tuple[str, str], ...]:
+    _check_keys(http, _HTTP_KEYS, set(), path, "http_server_config.")
+    http2 = http.get("http2")
+    if http2 is not None and not isinstance(http2, bool):
+        raise _fail(path, "http_server_config.http2 must be true or false")  # accepted; we serve HTTP/1.1
+    headers = _mapping(http.get("headers"), path, "http_server_config.headers")
+    allowed = {name.lower(): name for name in _ALLOWED_HEADERS}
+    out = []
+    for name, value in headers.items():
+        canonical = allowed.get(str(name).lower())
+        if canonical is None:
+            raise _fail(path, f"http_server_config.headers: header {name!r} cannot be configured "
+                              f"(allowed: {', '.join(_ALLOWED_HEADERS)})")
+        if not isinstance(value, str) or "\n" in value or "\r" in value:
+            raise _fail(path, f"http_server_config.headers.{name} must be a single-line string")
+        out.append((canonical, value))
+    return tuple(out)
