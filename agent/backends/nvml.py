@@ -254,6 +254,9 @@ class _Gpu:
     # --- one tick -------------------------------------------------------------------------------
 
     def read(self, xid_counts: dict[str, float]) -> GpuReading:
+        """One tick. values["gpu_processes"] is set only when the process query worked, so that
+        "cannot tell" (NoPermission, e.g. in a container without the right capability) is absent
+        rather than a misleading 0 = free GPU."""
         values: dict[str, float] = {}
         labelled: dict[str, dict[str, float]] = {}
         handle = self.handle
@@ -576,7 +579,7 @@ class NvmlBackend:
                 handle = get_handle(key)
             identity, gpm = self._identify(index, handle)
         except pynvml.NVMLError as err:
-            log.error("GPU %d does not answer: %s", index, err)
+            log.warning("GPU %d does not answer: %s", index, err)
             old = self._gpus.get(index)
             identity = old.identity if old else GpuIdentity(index=index, uuid=f"unknown-{index}", name="unknown")
             return _Gpu(index, None, identity, None, unsupported)
