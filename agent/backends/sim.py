@@ -188,6 +188,9 @@ class SimGpu:
             "gpu_pcie_replay_errors_total": 0.0,
             "gpu_nvlink_transmit_bytes_total": self._nvlink_tx,
             "gpu_nvlink_receive_bytes_total": self._nvlink_rx,
+            # Set only when the process query worked (as the NVML backend does), so that a GPU whose
+            # processes cannot be listed shows no count rather than a misleading "0 = free".
+            "gpu_processes": float(len(self._processes)),
         }
         if self.profile.gpm:
             values.update(
