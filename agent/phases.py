@@ -184,15 +184,34 @@ class _GpuLedger:
         self.pending_keys: set[bytes] = set()
         self.recent_keys: dict[bytes, float] = {}  # keys of counted windows -> end, oldest first
         self.configured_services: tuple[str, ...] = ()
-        self.learned_services: dict[str, None] = {}  # insertion-ordered set
+        # service -> start of its earliest window here: it owns idle time from then on
+        self.learned_services: dict[str, float] = {}
         self.totals: dict[tuple[str, str], _Totals] = {}
         self.reported = dict.fromkeys(_QUANTITIES, False)  # which integrals this GPU ever had
 
     # --- services ------------------------------------------------------------------------------
 
-    def services(self) -> tuple[str, ...]:
-        """Services tied to this GPU: configured (phase.map) first, then learned from windows."""
-        return tuple(dict.fromkeys(self.configured_services + tuple(self.learned_services)))
+    def learn(self, service: str, since: float) -> bool:
+        """Tie a service to this GPU from `since` on; True when the service is new here.
+
+        Only windows in time not yet finalised are accepted, so `since` can only move within
+        open time: which service owns finalised idle time never depends on arrival order.
+        """
+        known = service in self.learned_services
+        self.learned_services[service] = min(since, self.learned_services.get(service, math.inf))
+        return not known
+
+    def idle_owners(self, start: float, end: float) -> list[tuple[float, float, tuple[str, ...]]]:
+        """Split idle time [start, end] by who owns it: configured services always, learned ones
+        from their first window on. Stretches owned by nobody are unknown, not idle."""
+        cuts = sorted({t for t in self.learned_services.values() if start < t < end})
+        pieces = []
+        for lo, hi in zip([start] + cuts, cuts + [end]):
+            owners = tuple(dict.fromkeys(self.configured_services + tuple(
+                s for s, since in self.learned_services.items() if since <= lo)))
+            if owners:
+                pieces.append((lo, hi, owners))
+        return pieces
 
     def ensure_series(self, service: str) -> bool:
         """Create the four phase totals of a service; True when they are new."""
@@ -257,12 +276,9 @@ class _GpuLedger:
         return changed
 
     def _credit_intervals(self, intervals: list[tuple[_Reading, _Reading]]) -> bool:
-        idle_services = self.services()
-        if not idle_services:  # no service tied to this GPU: its phase is unknown, not idle
-            return False
-        lo, hi = intervals[0][0].ts, intervals[-1][1].ts
-        relevant = [w for w in self.windows if w.start < hi and w.end > lo]
-        segments = timeline(relevant, lo, hi)
+        first, last = intervals[0][0].ts, intervals[-1][1].ts
+        relevant = [w for w in self.windows if w.start < last and w.end > first]
+        segments = timeline(relevant, first, last)
         j = 0
         for prev, cur in intervals:
             a, b = prev.ts, cur.ts
@@ -276,9 +292,12 @@ class _GpuLedger:
             k = j
             while k < len(segments) and segments[k].start < b:
                 segment = segments[k]
-                overlap = min(segment.end, b) - max(segment.start, a)
-                if overlap > 0:
-                    self._credit(segment.services or idle_services, segment.phase, overlap, b - a, ratios)
+                lo, hi = max(segment.start, a), min(segment.end, b)
+                if hi > lo and segment.services:
+                    self._credit(segment.services, segment.phase, hi - lo, b - a, ratios)
+                elif hi > lo:
+                    for idle_lo, idle_hi, owners in self.idle_owners(lo, hi):
+                        self._credit(owners, IDLE, idle_hi - idle_lo, b - a, ratios)
                 k += 1
         return True
 
@@ -396,8 +415,7 @@ class PhaseAccountant:
                 if reason is not None:
                     self._rejected[reason] += 1
                     continue
-                if held.service not in ledger.learned_services:
-                    ledger.learned_services[held.service] = None
+                if ledger.learn(held.service, held.start):
                     self._dirty |= ledger.ensure_series(held.service)
                 label = (gpu_key[0], gpu_key[1], held.service)
                 self._last_span[label] = max(self._last_span.get(label, -math.inf), held.end)

@@ -32,6 +32,7 @@ def test_overlapping_windows_give_prefill_mixed_decode_and_idle_gaps():
     # Samples each second from 100 to 104; prefill [100.5, 101.5] straddles the sample at 101.
     # Timeline: idle 100-100.5, prefill 100.5-101, mixed 101-101.5, decode 101.5-103, idle 103-104.
     acc = accountant()
+    acc.set_mapping(KEY0, ["llm"])
     feed(acc, [sample(100, sm=0.0, energy=1000), sample(101, sm=0.4, energy=1300),
                sample(102, sm=0.8, energy=1800), sample(103, sm=0.6, energy=2200),
                sample(104, sm=0.1, energy=2250)])
@@ -55,6 +56,7 @@ def test_overlapping_windows_give_prefill_mixed_decode_and_idle_gaps():
 
 def test_only_time_older_than_settle_is_finalised_and_tokens_wait_for_the_window_end():
     acc = accountant()
+    acc.set_mapping(KEY0, ["llm"])
     feed(acc, [sample(100, energy=0), sample(101, energy=10), sample(102, energy=20)])
     acc.add_windows(KEY0, [prefill(100.5, 101.5, tokens=7)])
     acc.advance(101 + SETTLE)  # only (100, 101] is final; the window is half done
@@ -130,6 +132,17 @@ def test_unmapped_gpu_has_no_series_and_mapped_gpu_without_spans_is_idle():
     assert t["idle"].energy_joules == approx(160.0)  # no energy counter: 80 W x 2 s
     assert t["idle"].sm_active_seconds is None  # no GPM on these readings
     assert t["prefill"].seconds == 0.0
+
+
+def test_service_learned_from_windows_owns_idle_time_from_its_first_window_on():
+    # No phase.map: before the first span nobody is known to hold the GPU, so 100-101 is
+    # unknown (not counted); from 101 the service owns the GPU: decode 101-102, idle 102-104.
+    acc = accountant()
+    feed(acc, [sample(100), sample(101), sample(102), sample(103), sample(104)])
+    acc.add_windows(KEY0, [decode(101.0, 102.0)])
+    acc.advance(104 + SETTLE)
+    t = totals(acc)
+    assert {p: t[p].seconds for p in t} == {"prefill": 0, "mixed": 0, "decode": approx(1.0), "idle": approx(2.0)}
 
 
 def test_energy_counter_reset_counts_the_value_since_the_reset():
