@@ -1,0 +1,264 @@
+"""Collectors and the AgentCollector registry, on the hand-built Views of tests/views.py."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent import __version__, metricdefs
+from agent.metricdefs import MetricDef
+from exporters import collectors
+from exporters.collectors import COLLECTORS
+from exporters.registry import AgentCollector, RateLimitedLog, StaticViewSource, render
+from tests import views
+from tests.views import A100, H100, LOST, NEVER_SEEN, NOW, rich_view
+
+
+def samples(text: str) -> list:
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def series(text: str, metric: str, /, **labels: str) -> dict[tuple, float]:
+    """{sorted label items: value} of the samples named `metric` whose labels include `labels`."""
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for s in samples(text)
+        if s.name == metric and labels.items() <= s.labels.items()
+    }
+
+
+def value(text: str, metric: str, /, **labels: str) -> float:
+    found = series(text, metric, **labels)
+    assert len(found) == 1, f"{metric}{labels}: expected one sample, got {found}"
+    return next(iter(found.values()))
+
+
+def gpu(identity) -> dict[str, str]:
+    return {"gpu": str(identity.index), "uuid": identity.uuid}
+
+
+@pytest.fixture(scope="module")
+def rich() -> str:
+    return render(rich_view())
+
+
+def test_rich_view_parses_in_both_exposition_formats():
+    text = render(rich_view())
+    assert len(samples(text)) > 100
+    openmetrics = render(rich_view(), openmetrics=True)
+    assert openmetrics.endswith("# EOF\n")
+    assert {f.name for f in parse_openmetrics(openmetrics)} >= {"gpu_info", "gpu_phase_seconds", "gpu_up"}
+
+
+def test_every_collector_succeeds_on_the_rich_view(rich):
+    assert series(rich, "gpu_scrape_collector_success") == {
+        (("collector", name),): 1.0 for name in metricdefs.collectors()
+    }
+    assert set(series(rich, "gpu_scrape_collector_duration_seconds")) == {
+        (("collector", name),) for name in metricdefs.collectors()
+    }
+
+
+def test_every_gpu_series_has_gpu_and_uuid_and_static_strings_only_on_gpu_info(rich):
+    static = {"name", "pci_bus_id", "driver_version", "cuda_version", "gpm_supported"}
+    for sample in samples(rich):
+        definition = metricdefs.load()[sample.name]
+        if "gpu" in definition.labels:
+            assert sample.labels["uuid"].startswith("GPU-"), sample
+        if sample.name != "gpu_info":
+            assert not static & sample.labels.keys(), sample
+    assert value(rich, "gpu_info", **gpu(H100), name=H100.name, gpm_supported="true",
+                 driver_version="550.54.15", cuda_version="12.4", pci_bus_id=H100.pci_bus_id) == 1
+
+
+def test_device_values_map_one_to_one(rich):
+    assert value(rich, "gpu_power_watts", **gpu(H100)) == 412.5
+    assert value(rich, "gpu_power_watts", **gpu(A100)) == 250.0
+    assert value(rich, "gpu_energy_joules_total", **gpu(H100)) == 1.25e6
+    assert value(rich, "gpu_clock_hertz", **gpu(H100), clock="memory") == 2.619e9
+    assert value(rich, "gpu_clock_event_active", **gpu(H100), reason="sw_power_cap") == 1
+    assert value(rich, "gpu_xid_errors_total", **gpu(H100), xid="13") == 2
+    assert value(rich, "gpu_remapped_rows", **gpu(A100), type="correctable") == 1
+    used, free, total = (value(rich, f"gpu_memory_{kind}_bytes", **gpu(H100)) for kind in ("used", "free", "total"))
+    assert used + free == total
+
+
+def test_gpm_series_are_absent_without_gpm_not_zero(rich):
+    assert value(rich, "gpu_sm_active_ratio", **gpu(H100)) == 0.82
+    for definition in metricdefs.by_collector("gpm"):
+        assert series(rich, definition.name, gpu="1") == {}, definition.name
+
+
+def test_a_metric_missing_from_values_is_left_out_for_that_gpu_only():
+    view = rich_view()
+    h100, a100, *rest = view.snapshot.gpus
+    values = {k: v for k, v in a100.values.items() if k != "gpu_memory_temperature_celsius"}
+    labelled = {k: v for k, v in a100.labelled.items() if k != "gpu_clock_event_active"}
+    a100 = replace(a100, values=values, labelled=labelled)
+    text = render(replace(view, snapshot=replace(view.snapshot, gpus=(h100, a100, *rest))))
+    assert set(series(text, "gpu_memory_temperature_celsius")) == {tuple(sorted(gpu(H100).items()))}
+    assert series(text, "gpu_clock_event_active", gpu="1") == {}
+    assert len(series(text, "gpu_clock_event_active", gpu="0")) == 4
+
+
+def test_lost_gpu_exports_identity_up_zero_and_last_sample_only(rich):
+    lost = [s for s in samples(rich) if s.labels.get("uuid") == LOST.uuid]
+    assert sorted(s.name for s in lost) == ["gpu_info", "gpu_last_sample_timestamp_seconds", "gpu_up"]
+    assert value(rich, "gpu_up", **gpu(LOST)) == 0
+    assert value(rich, "gpu_last_sample_timestamp_seconds", **gpu(LOST)) == NOW - 30
+
+
+def test_gpu_never_read_has_no_last_sample_timestamp(rich):
+    never = [s for s in samples(rich) if s.labels.get("uuid") == NEVER_SEEN.uuid]
+    assert sorted(s.name for s in never) == ["gpu_info", "gpu_up"]
+
+
+def test_processes(rich):
+    assert value(rich, "gpu_processes", **gpu(H100)) == 2
+    assert value(rich, "gpu_processes", **gpu(A100)) == 0
+    assert value(rich, "gpu_process_memory_used_bytes", **gpu(H100), pid="4242", process_name="python3",
+                 container="vllm", pod="vllm-0", namespace="serving") == 70 * views.GIB
+    assert value(rich, "gpu_process_sm_active_ratio", pid="4242") == 0.9
+    assert value(rich, "gpu_process_memory_used_bytes", pid="4343", container="", pod="") == 512 * 1024**2
+    # No utilization sample for 4343 yet: no series, rather than a made-up 0.
+    assert series(rich, "gpu_process_sm_active_ratio", pid="4343") == {}
+
+
+def test_mig_instances(rich):
+    assert value(rich, "gpu_mig_memory_used_bytes", **gpu(H100), gpu_instance="1", profile="3g.40gb") == 30 * views.GIB
+    assert value(rich, "gpu_mig_dram_active_ratio", gpu_instance="1") == 0.5
+    assert value(rich, "gpu_mig_memory_total_bytes", gpu_instance="2") == 40 * views.GIB
+    assert series(rich, "gpu_mig_sm_active_ratio", gpu_instance="2") == {}
+
+
+def test_phases_export_integrals_and_leave_unknown_ones_out(rich):
+    decode = dict(**gpu(H100), service="vllm", phase="decode")
+    assert value(rich, "gpu_phase_seconds_total", **decode) == 40
+    assert value(rich, "gpu_phase_tokens_total", **decode) == 5120
+    assert value(rich, "gpu_phase_energy_joules_total", **decode) == 15200
+    assert value(rich, "gpu_phase_dram_active_seconds_total", **decode) == 30
+    assert value(rich, "gpu_phase_seconds_total", **gpu(A100), service="tgi", phase="idle") == 40
+    assert series(rich, "gpu_phase_sm_active_seconds_total", gpu="1") == {}
+    assert len(series(rich, "gpu_phase_seconds_total", service="vllm")) == 4
+    assert value(rich, "gpu_phase_last_span_timestamp_seconds", **gpu(A100), service="tgi") == NOW - 8
+
+
+def test_spans_and_agent_stats(rich):
+    assert value(rich, "gpu_spans_received_total", decoder="vllm") == 1200
+    assert value(rich, "gpu_spans_rejected_total", reason="malformed") == 2
+    assert value(rich, "gpu_spans_unmatched_total", reason="no_mapping") == 7
+    assert value(rich, "gpuphase_build_info", version=__version__, backend="sim") == 1
+    assert value(rich, "gpu_sampler_ticks_total") == 3600
+    assert value(rich, "gpu_sampler_overruns_total") == 1
+
+
+def test_before_the_first_snapshot_only_agent_and_health_series_render():
+    text = render(views.empty_view())
+    assert {s.name for s in samples(text)} == {
+        "gpuphase_build_info", "gpu_sampler_ticks_total", "gpu_sampler_overruns_total",
+        "gpu_sampler_tick_duration_seconds", "gpu_scrape_collector_success", "gpu_scrape_collector_duration_seconds",
+    }
+    assert set(series(text, "gpu_scrape_collector_success").values()) == {1.0}
+
+
+def test_a_raising_collector_reports_failure_and_the_rest_still_render(monkeypatch, caplog):
+    def broken(view):
+        yield from collectors.gpm.collect(view)
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(COLLECTORS, "gpm", broken)
+    with caplog.at_level(logging.ERROR, logger="exporters.registry"):
+        text = render(rich_view())
+    assert value(text, "gpu_scrape_collector_success", collector="gpm") == 0
+    assert value(text, "gpu_scrape_collector_success", collector="memory") == 1
+    # Nothing of a failed collector is exported, not even what it yielded before failing.
+    assert series(text, "gpu_sm_active_ratio") == {}
+    assert value(text, "gpu_power_watts", **gpu(H100)) == 412.5
+    assert "collector 'gpm' failed" in caplog.text and "boom" in caplog.text
+
+
+@pytest.mark.parametrize("bad_value", ["412 W", None, object()])
+def test_a_collector_yielding_unrenderable_values_is_isolated(monkeypatch, bad_value):
+    """A value the exposition writer would choke on must fail the collector, not the whole scrape."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    def sloppy(view):
+        family = GaugeMetricFamily("gpu_power_watts", "help", labels=["gpu", "uuid"])
+        family.add_metric(["0", "x"], bad_value)
+        yield family
+
+    monkeypatch.setitem(COLLECTORS, "power", sloppy)
+    text = render(rich_view())
+    assert value(text, "gpu_scrape_collector_success", collector="power") == 0
+    assert value(text, "gpu_scrape_collector_success", collector="device") == 1
+    assert series(text, "gpu_power_watts") == {}
+
+
+def test_disabled_collectors_are_not_run_or_reported(rich):
+    text = render(rich_view(), disabled=("gpm", "processes"))
+    names = {s.name for s in samples(text)}
+    assert not names & {d.name for d in metricdefs.by_collector("gpm")}
+    assert "gpu_processes" not in names
+    assert set(series(text, "gpu_scrape_collector_success")) == {
+        (("collector", name),) for name in metricdefs.collectors() if name not in ("gpm", "processes")
+    }
+    assert value(text, "gpu_power_watts", **gpu(H100)) == 412.5
+
+
+def test_each_scrape_reads_the_view_exactly_once():
+    class CountingSource(StaticViewSource):
+        calls = 0
+
+        def view(self):
+            self.calls += 1
+            return super().view()
+
+    source = CountingSource(rich_view())
+    collector = AgentCollector(source)
+    list(collector.collect())
+    list(collector.collect())
+    assert source.calls == 2
+
+
+def test_a_constant_timer_makes_the_output_reproducible():
+    def fixed():
+        return 0.0
+
+    assert render(rich_view(), timer=fixed) == render(rich_view(), timer=fixed)
+    assert set(series(render(rich_view(), timer=fixed), "gpu_scrape_collector_duration_seconds").values()) == {0.0}
+
+
+def test_adding_a_device_metric_to_metrics_yaml_is_the_only_step(monkeypatch):
+    fan = MetricDef(name="gpu_fan_speed_ratio", type="gauge", unit="ratio", collector="device",
+                    labels=("gpu", "uuid"), help="Fan speed.")
+    definitions = {**metricdefs.load(), fan.name: fan}
+    monkeypatch.setattr(metricdefs, "load", lambda: definitions)
+    view = rich_view()
+    h100 = replace(view.snapshot.gpus[0], values={**view.snapshot.gpus[0].values, fan.name: 0.4})
+    text = render(replace(view, snapshot=replace(view.snapshot, gpus=(h100, *view.snapshot.gpus[1:]))))
+    assert value(text, "gpu_fan_speed_ratio", **gpu(H100)) == 0.4
+    assert "# HELP gpu_fan_speed_ratio Fan speed." in text
+
+
+def test_rate_limited_log_holds_back_repeats_and_counts_them(caplog):
+    now = [100.0]
+    limited = RateLimitedLog(interval=60, clock=lambda: now[0])
+    with caplog.at_level(logging.ERROR, logger="exporters.registry"):
+        for _ in range(3):
+            try:
+                raise ValueError("again")
+            except ValueError:
+                limited.exception("gpm", "collector 'gpm' failed")
+        assert len(caplog.records) == 1
+        now[0] += 61
+        try:
+            raise ValueError("later")
+        except ValueError:
+            limited.exception("gpm", "collector 'gpm' failed")
+        limited.exception("device", "collector 'device' failed")
+    assert len(caplog.records) == 3
+    assert "2 similar failures not logged" in caplog.records[1].getMessage()
