@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import subprocess
 import uuid
 from pathlib import Path
@@ -202,3 +203,179 @@ def test_install_script_into_a_temporary_prefix(tmp_path, source_copy):
 def test_install_script_refuses_unknown_arguments():
     result = _run("bash", INSTALL_SH, "--frobnicate", check=False)
     assert result.returncode != 0 and "unknown argument --frobnicate" in result.stderr
+
+
+# --- Kubernetes -----------------------------------------------------------------------------------
+
+KUSTOMIZE_BASE = PACKAGING / "kubernetes"
+GEN_PROMETHEUSRULE = KUSTOMIZE_BASE / "gen_prometheusrule.py"
+RULES_FILE = ROOT / "alerts" / "gpuphase-rules.yaml"
+K8S_VERSION = "1.30.0"  # validate against a version still in wide use, not only the newest
+OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}  # CRDs: no schema in kubernetes-validate
+
+
+def _require_rules_file() -> None:
+    """The PrometheusRule component is generated from the alert rules; without them it is missing."""
+    if not RULES_FILE.exists():
+        message = f"{RULES_FILE.relative_to(ROOT)} does not exist yet (python -m alerts.rules writes it)"
+        pytest.fail(message) if IN_CI else pytest.skip(message)
+
+
+def _kustomize(directory: Path) -> list[dict]:
+    rendered = _run(require_tool("kubectl"), "kustomize", directory).stdout
+    return [doc for doc in yaml.safe_load_all(rendered) if doc]
+
+
+def _by_kind(docs: list[dict]) -> dict[str, dict]:
+    kinds = [d["kind"] for d in docs]
+    assert len(kinds) == len(set(kinds)), kinds  # one of each in this package
+    return {d["kind"]: d for d in docs}
+
+
+def _validate_builtin(docs: list[dict]) -> None:
+    """Every built-in resource against the offline OpenAPI schemas, rejecting unknown fields."""
+    require_tool("kubernetes-validate")
+    import kubernetes_validate
+
+    for doc in docs:
+        if doc["kind"] in OPERATOR_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {err.message} at {list(err.path)}")
+
+
+def _container(docs: list[dict]) -> dict:
+    (container,) = _by_kind(docs)["DaemonSet"]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_base_renders_valid_and_locked_down():
+    docs = _kustomize(KUSTOMIZE_BASE)
+    _validate_builtin(docs)
+    kinds = _by_kind(docs)
+    assert set(kinds) == {"Namespace", "ServiceAccount", "DaemonSet", "Service"}
+    pod = kinds["DaemonSet"]["spec"]["template"]["spec"]
+    container = _container(docs)
+    assert pod["hostPID"] is True and pod.get("hostNetwork") is not True
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+    }
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/var/lib/kubelet/pod-resources")
+    assert mount["readOnly"] is True
+    assert container["livenessProbe"]["httpGet"]["path"] == "/-/healthy"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/-/ready"
+    assert {"limits", "requests"} <= set(container["resources"])
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env == {"NVIDIA_VISIBLE_DEVICES": "all", "NVIDIA_DRIVER_CAPABILITIES": "utility"}
+
+
+def test_base_args_are_flags_the_agent_accepts_and_ports_match_them():
+    from agent.config import OPTIONS_BY_FLAG
+
+    container = _container(_kustomize(KUSTOMIZE_BASE))
+    flags = dict(arg[2:].split("=", 1) for arg in container["args"])
+    assert set(flags) <= set(OPTIONS_BY_FLAG), set(flags) - set(OPTIONS_BY_FLAG)
+    ports = {p["name"]: p for p in container["ports"]}
+    assert flags["web.listen-address"].endswith(f":{ports['metrics']['containerPort']}")
+    for name, flag in (("otlp-grpc", "otlp.grpc-listen-address"), ("otlp-http", "otlp.http-listen-address")):
+        assert flags[flag] == f"0.0.0.0:{ports[name]['containerPort']}"  # reachable through the hostPort
+        assert ports[name]["hostPort"] == ports[name]["containerPort"]
+    assert "hostPort" not in ports["metrics"]
+
+
+def test_service_selects_the_agent_pods_on_the_metrics_port():
+    kinds = _by_kind(_kustomize(KUSTOMIZE_BASE))
+    service, daemonset = kinds["Service"], kinds["DaemonSet"]
+    pod_labels = daemonset["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert [p["name"] for p in service["spec"]["ports"]] == ["metrics"]
+
+
+def test_all_components_render_and_validate():
+    _require_rules_file()
+    docs = _kustomize(KUSTOMIZE_BASE / "examples" / "all-components")
+    _validate_builtin(docs)
+    kinds = _by_kind(docs)
+    pod = kinds["DaemonSet"]["spec"]["template"]["spec"]
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["securityContext"]["runAsUser"] == 0 and pod["securityContext"]["runAsNonRoot"] is False
+    assert _container(docs)["securityContext"]["capabilities"] == {"drop": ["ALL"]}  # root, but powerless
+
+
+def test_servicemonitor_points_at_the_service():
+    """No CRD schema offline: check the fields the operator acts on against the Service they target."""
+    _require_rules_file()
+    kinds = _by_kind(_kustomize(KUSTOMIZE_BASE / "examples" / "prometheus-operator"))
+    monitor, service = kinds["ServiceMonitor"], kinds["Service"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == [service["metadata"]["namespace"]]
+    service_ports = {p["name"] for p in service["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert endpoint["port"] in service_ports
+        assert endpoint["path"] == "/metrics"
+
+
+def test_prometheusrule_carries_the_alert_rules_promtool_accepts(tmp_path):
+    _require_rules_file()
+    kinds = _by_kind(_kustomize(KUSTOMIZE_BASE / "examples" / "prometheus-operator"))
+    rule = kinds["PrometheusRule"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["spec"] == yaml.safe_load(RULES_FILE.read_text())
+    extracted = tmp_path / "rules.yaml"
+    extracted.write_text(yaml.safe_dump(rule["spec"]))
+    _run(require_tool("promtool"), "check", "rules", extracted)
+
+
+def test_committed_prometheusrule_is_up_to_date():
+    _require_rules_file()
+    result = _run(sys.executable, GEN_PROMETHEUSRULE, "--check", check=False)
+    assert result.returncode == 0, result.stderr
+
+
+SAMPLE_RULES = """\
+# comment kept
+groups:
+  - name: gpuphase.sample
+    rules:
+      - alert: GpuSample
+        expr: |
+          gpu_up == 0
+        for: 5m
+        labels:
+          severity: warning
+
+        annotations:
+          summary: "GPU {{ $labels.gpu }} is lost"
+          description: >-
+            folded
+            text
+"""
+
+
+def test_generator_wraps_groups_faithfully_and_check_detects_drift(tmp_path):
+    rules, output = tmp_path / "rules.yaml", tmp_path / "prometheusrule.yaml"
+    rules.write_text(SAMPLE_RULES)
+    args = ["--rules", rules, "--output", output]
+    assert _run(sys.executable, GEN_PROMETHEUSRULE, *args).returncode == 0
+    text = output.read_text()
+    assert "  # comment kept\n" in text and "gpu_up == 0" in text
+    wrapped = yaml.safe_load(text)
+    assert (wrapped["kind"], wrapped["spec"]) == ("PrometheusRule", yaml.safe_load(SAMPLE_RULES))
+    assert _run(sys.executable, GEN_PROMETHEUSRULE, "--check", *args).returncode == 0
+    rules.write_text(SAMPLE_RULES.replace("5m", "10m"))
+    drift = _run(sys.executable, GEN_PROMETHEUSRULE, "--check", *args, check=False)
+    assert drift.returncode == 1 and "out of date" in drift.stderr
+
+
+def test_generator_rejects_a_file_that_is_not_a_rule_file(tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("groups: []\nextra: 1\n")
+    result = _run(sys.executable, GEN_PROMETHEUSRULE, "--rules", rules, "--output", tmp_path / "o.yaml", check=False)
+    assert result.returncode == 2 and "only a top-level 'groups'" in result.stderr
