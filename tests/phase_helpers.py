@@ -23,9 +23,10 @@ def sample(ts: float, identity: GpuIdentity = GPU0, up: bool = True, **values: f
 
 
 def window(phase: str, start: float, end: float, service: str = "llm", tokens: int = 0,
-           key: bytes | None = None) -> PhaseWindow:
+           key: bytes | None = None, pid: int | None = None, gpu_ids: tuple[str, ...] = ()) -> PhaseWindow:
     return PhaseWindow(phase=phase, start=start, end=end, service=service, decoder="generic",
-                       key=key if key is not None else b"w%d" % next(_serial), tokens=tokens)
+                       key=key if key is not None else b"w%d" % next(_serial), tokens=tokens,
+                       pid=pid, gpu_ids=gpu_ids)
 
 
 def prefill(start: float, end: float, **kw) -> PhaseWindow:
