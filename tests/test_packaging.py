@@ -379,3 +379,68 @@ def test_generator_rejects_a_file_that_is_not_a_rule_file(tmp_path):
     rules.write_text("groups: []\nextra: 1\n")
     result = _run(sys.executable, GEN_PROMETHEUSRULE, "--rules", rules, "--output", tmp_path / "o.yaml", check=False)
     assert result.returncode == 2 and "only a top-level 'groups'" in result.stderr
+
+
+# --- container image ------------------------------------------------------------------------------
+# No Docker daemon and no registry access here, so the image is not built in tests; these are the
+# hadolint-style rules that matter for it, applied to the parsed Dockerfile.
+
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    logical, pending = [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        instruction, _, args = pending.strip().partition(" ")
+        logical.append((instruction.upper(), args.strip()))
+        pending = ""
+    return logical
+
+
+def test_dockerfile_base_images_are_pinned():
+    instructions = _dockerfile_instructions()
+    args = dict(a.split("=", 1) for i, a in instructions if i == "ARG" and "=" in a)
+    stages: set[str] = set()
+    froms = [a for i, a in instructions if i == "FROM"]
+    assert len(froms) >= 2, "multi-stage: build tools stay out of the final image"
+    for spec in froms:
+        image, *alias = spec.split()
+        image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
+        if image not in stages:
+            name, _, tag = image.partition(":")
+            assert re.fullmatch(r"\d+\.\d+\.\d+[-\w.]*", tag) or "@sha256:" in image, f"{image} is not pinned"
+        if alias:
+            stages.add(alias[-1])
+
+
+def test_dockerfile_final_stage_is_non_root_and_runs_the_agent():
+    instructions = _dockerfile_instructions()
+    final = instructions[max(n for n, (i, _) in enumerate(instructions) if i == "FROM"):]
+    users = [a for i, a in final if i == "USER"]
+    assert users and users[-1].split(":")[0] == "65532"
+    entrypoint = next(a for i, a in final if i == "ENTRYPOINT")
+    assert yaml.safe_load(entrypoint) == ["gpuphase", "run"]  # exec form (JSON), so signals reach the agent
+    assert 'gpuphase = "agent.cli:main"' in (ROOT / "pyproject.toml").read_text()
+    exposed = {p for i, a in final if i == "EXPOSE" for p in a.split()}
+    assert exposed == {"9842", "4317", "4318"}
+
+
+def test_dockerfile_hygiene():
+    instructions = _dockerfile_instructions()
+    for instruction, args in instructions:
+        assert instruction != "ADD", "COPY, not ADD: no remote URLs or implicit archive extraction"
+        if instruction == "RUN":
+            assert "nvidia-smi" not in args
+            for pip in re.findall(r"pip install[^&]*", args):
+                assert "--no-cache-dir" in pip, pip
+        if instruction == "COPY" and not args.startswith("--from="):
+            for source in args.split()[:-1]:
+                if "*" not in source:
+                    assert (ROOT / source).exists(), f"COPY source {source} does not exist"
