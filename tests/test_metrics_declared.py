@@ -83,3 +83,15 @@ def test_docs_list_every_metric_once():
     text = docs.render()
     for name in DEFINITIONS:
         assert text.count(f"| `{name}` |") == 1, name
+
+
+def test_promtool_finds_no_lint_problems_in_the_rich_view():
+    from tests.conftest import require_tool
+
+    result = subprocess.run(
+        [require_tool("promtool"), "check", "metrics"], input=render(rich_view()), capture_output=True, text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), (
+        result.stdout + result.stderr
+    )
