@@ -46,7 +46,7 @@ INVALID_WINDOW = "invalid_window"  # unknown phase, non-finite times, end before
 TOO_OLD = "too_old"  # ended before now - retention
 TOO_NEW = "too_new"  # starts after now + retention (sender clock far ahead)
 DUPLICATE = "duplicate"  # same key already held or recently counted on this GPU
-TOO_LATE = "too_late"  # starts inside time already finalised on this GPU
+TOO_LATE = "too_late"  # lies entirely inside time already finalised on this GPU
 BUFFER_FULL = "buffer_full"  # the GPU already holds max_windows_per_gpu pending windows
 
 DEFAULT_MAX_WINDOWS_PER_GPU = 100_000
@@ -72,7 +72,7 @@ class HeldWindow(NamedTuple):
     end: float
     phase: str
     service: str
-    tokens: int
+    tokens: float  # prorated when the window was clipped to time not yet final
     key: bytes
 
 
@@ -235,17 +235,27 @@ class _GpuLedger:
             self.pending_samples.popleft()
         self.pending_samples.append(reading)
 
-    def offer(self, window: HeldWindow) -> str | None:
-        """Hold a window; the rejection reason if it cannot be held."""
+    def offer(self, window: PhaseWindow, service: str) -> HeldWindow | str:
+        """Hold a window: the window as held, or the reason it cannot be held.
+
+        A window reaching back into finalised time keeps only its open part, with its tokens
+        prorated to that part: finalised totals are never rewritten, but a long request whose
+        span could only be sent when it ended still counts for the time not yet final.
+        """
         if window.key in self.pending_keys or window.key in self.recent_keys:
             return DUPLICATE
-        if window.start < self.finalised_until:
+        if window.start < self.finalised_until and not window.end > self.finalised_until:
             return TOO_LATE
         if len(self.windows) >= self.max_windows:
             return BUFFER_FULL
-        self.windows.append(window)
-        self.pending_keys.add(window.key)
-        return None
+        start, tokens = window.start, float(window.tokens)
+        if start < self.finalised_until:
+            start = self.finalised_until
+            tokens *= (window.end - start) / (window.end - window.start)
+        held = HeldWindow(start, window.end, window.phase, service, tokens, window.key)
+        self.windows.append(held)
+        self.pending_keys.add(held.key)
+        return held
 
     # --- finalisation --------------------------------------------------------------------------
 
@@ -378,6 +388,7 @@ class PhaseAccountant:
         self._services: set[str] = set()
         self._now = -math.inf
         self._rejected: Counter[str] = Counter()
+        self._clipped = 0
         self._last_span: dict[tuple[int, str, str], float] = {}
         self._series: tuple[PhaseSeries, ...] = ()
         self._dirty = False
@@ -397,7 +408,7 @@ class PhaseAccountant:
         """The services configured for a GPU (phase.map); its idle time is theirs."""
         with self._lock:
             ledger = self._ledger(gpu_key)
-            ledger.configured_services = tuple(dict.fromkeys(self._fold(s) for s in services))
+            ledger.configured_services = tuple(dict.fromkeys(self._fold(s, admit=True) for s in services))
             for service in ledger.configured_services:
                 self._dirty |= ledger.ensure_series(service)
 
@@ -406,15 +417,13 @@ class PhaseAccountant:
         with self._lock:
             ledger = self._ledger(gpu_key)
             for window in windows:
-                reason = self._screen(window)
-                held = None
-                if reason is None:
-                    held = HeldWindow(window.start, window.end, window.phase, self._fold(window.service),
-                                      int(window.tokens), window.key)
-                    reason = ledger.offer(held)
-                if reason is not None:
-                    self._rejected[reason] += 1
+                held = self._screen(window) or ledger.offer(window, self._fold(window.service, admit=False))
+                if isinstance(held, str):
+                    self._rejected[held] += 1
                     continue
+                self._fold(held.service, admit=True)
+                if held.start > window.start:
+                    self._clipped += 1
                 if ledger.learn(held.service, held.start):
                     self._dirty |= ledger.ensure_series(held.service)
                 label = (gpu_key[0], gpu_key[1], held.service)
@@ -447,6 +456,11 @@ class PhaseAccountant:
         with self._lock:
             return dict(self._rejected)
 
+    def clipped(self) -> int:
+        """Windows accepted only in part because they began in time already finalised."""
+        with self._lock:
+            return self._clipped
+
     # --- helpers -------------------------------------------------------------------------------
 
     def _ledger(self, key: GpuKey) -> _GpuLedger:
@@ -455,12 +469,14 @@ class PhaseAccountant:
             ledger = self._ledgers[key] = _GpuLedger(key, self._max_samples, self._max_windows)
         return ledger
 
-    def _fold(self, service: str) -> str:
-        """Bound the service label: the first max_services names are kept, later ones become 'other'."""
-        if service in self._services:
+    def _fold(self, service: str, admit: bool) -> str:
+        """Bound the service label: the first max_services names are kept, later ones become
+        'other'. Only accepted windows (admit=True) take up one of the places."""
+        if service in self._services or service == OTHER_SERVICE:
             return service
         if len(self._services) < self._max_services:
-            self._services.add(service)
+            if admit:
+                self._services.add(service)
             return service
         return OTHER_SERVICE
 

@@ -69,20 +69,22 @@ def test_only_time_older_than_settle_is_finalised_and_tokens_wait_for_the_window
     assert t["prefill"].tokens == 7
 
 
-def test_late_window_within_settle_is_counted_beyond_it_rejected_too_late():
+def test_late_windows_counted_within_settle_clipped_when_partly_final_refused_when_wholly_final():
     acc = accountant()
     feed(acc, [sample(100), sample(101), sample(102), sample(103)])
     acc.add_windows(KEY0, [decode(100.0, 100.2)])  # teaches the GPU its service
     acc.advance(101 + SETTLE)  # (100, 101] final
     acc.add_windows(KEY0, [decode(101.0, 102.0, tokens=3)])  # late, but time not final yet: counted
-    acc.add_windows(KEY0, [decode(100.5, 101.5, tokens=9)])  # touches final time: refused whole
+    acc.add_windows(KEY0, [decode(100.5, 101.5, tokens=9)])  # half in final time: keeps 101-101.5, 4.5 tokens
+    acc.add_windows(KEY0, [decode(100.3, 100.9, tokens=5)])  # wholly in final time: refused
     acc.advance(103 + SETTLE)
 
     t = totals(acc)
     assert t["decode"].seconds == approx(0.2 + 1.0)
     assert t["idle"].seconds == approx(3.0 - 1.2)
-    assert t["decode"].tokens == 3
+    assert t["decode"].tokens == approx(3 + 4.5)
     assert acc.rejected() == {"too_late": 1}
+    assert acc.clipped() == 1
 
 
 def test_duplicates_count_once_while_held_and_after_counting():
@@ -200,6 +202,14 @@ def test_two_services_on_one_gpu_share_joint_and_idle_time_equally():
     assert {p: b[p].seconds for p in b} == {"prefill": 0, "mixed": approx(0.5), "decode": approx(1),
                                             "idle": approx(0.5)}
     assert sum(s.energy_joules for s in acc.series()) == approx(400.0)
+
+
+def test_refused_windows_take_no_place_under_the_service_cap():
+    acc = accountant(max_services=1)
+    acc.advance(1000.0)
+    acc.add_windows(KEY0, [prefill(1.0, 2.0, service="ancient"), prefill(999.0, 999.5, service="live")])
+    assert acc.rejected() == {"too_old": 1}
+    assert {s.service for s in acc.series()} == {"live"}
 
 
 def test_service_names_beyond_the_cap_become_other():
