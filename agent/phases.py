@@ -230,9 +230,9 @@ class _GpuLedger:
         if not reading.ts > newest:  # repeated or out-of-order sample: the interval is already covered
             return
         if len(self.pending_samples) >= self.max_samples:
-            # advance() is not being called. Dropping a pending sample merges two intervals into
-            # one longer one: coarser, but no wall time and no energy is lost.
-            self.pending_samples.popleft()
+            # advance() is not being called. Dropping a reading that is not the start of the
+            # stretch merges two intervals into one: coarser, but no wall time or energy is lost.
+            del self.pending_samples[0 if self.anchor is not None else 1]
         self.pending_samples.append(reading)
 
     def offer(self, window: PhaseWindow, service: str) -> HeldWindow | str:

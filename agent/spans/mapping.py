@@ -120,7 +120,6 @@ class _GpuState:
             self.by_name[key[1].lower()] = key
             for process in sample.processes:
                 self.holders.setdefault(process.pid, set()).add(key)
-        self.keys = tuple(sorted({key for key in self.by_name.values()}))
         self.senders: dict[int, dict[int, set[GpuKey]]] | None = None  # own pid -> host pid -> GPUs
         self.pid_answers: dict[int, tuple[GpuKey, ...] | str] = {}
 
