@@ -152,6 +152,9 @@ OPTIONS: tuple[Option, ...] = (
            "Address for /metrics, /-/healthy and /-/ready (':9842' = all interfaces)."),
     Option("web.config.file", "web_config_file", "", parse_str,
            "Exporter-toolkit web config (TLS, basic auth) for the metrics and OTLP HTTP endpoints."),
+    Option("otlp.web-config.file", "otlp_web_config_file", "", parse_str,
+           "Web config (TLS, basic auth) for the OTLP/HTTP receiver; separate from the metrics one so that "
+           "turning on TLS for scrapes does not break model servers sending plain OTLP."),
     Option("web.telemetry-path", "web_telemetry_path", "/metrics", parse_str, "Path of the metrics endpoint."),
     Option("backend", "backend", "auto", choice("auto", "nvml", "sim"),
            "Where GPU data comes from. auto = NVML; never falls back to simulated data."),
@@ -198,6 +201,7 @@ class Config:
     web_listen_address: str = ":9842"
     web_config_file: str = ""
     web_telemetry_path: str = "/metrics"
+    otlp_web_config_file: str = ""
     backend: str = "auto"
     sim_gpus: int = 2
     sim_profile: str = "h100-sxm-80gb"
@@ -336,5 +340,7 @@ def _validate(config: Config, sources: Mapping[str, str]) -> None:
     unknown = sorted(set(config.disabled_collectors) - set(collectors()))
     if unknown:
         fail("disabled_collectors", f"unknown collector {unknown[0]!r}; known: {', '.join(collectors())}")
-    if config.web_config_file and not os.path.isfile(config.web_config_file):
-        fail("web_config_file", f"file {config.web_config_file!r} does not exist")
+    for name in ("web_config_file", "otlp_web_config_file"):
+        path = getattr(config, name)
+        if path and not os.path.isfile(path):
+            fail(name, f"file {path!r} does not exist")

@@ -118,7 +118,8 @@ def test_gpu_never_read_has_no_last_sample_timestamp(rich):
 
 
 def test_processes(rich):
-    assert value(rich, "gpu_processes", **gpu(H100)) == 2
+    # The backend's count, not the number of series kept after the per-GPU cap.
+    assert value(rich, "gpu_processes", **gpu(H100)) == 3
     assert value(rich, "gpu_processes", **gpu(A100)) == 0
     assert value(rich, "gpu_process_memory_used_bytes", **gpu(H100), pid="4242", process_name="python3",
                  container="vllm", pod="vllm-0", namespace="serving") == 70 * views.GIB
@@ -126,6 +127,16 @@ def test_processes(rich):
     assert value(rich, "gpu_process_memory_used_bytes", pid="4343", container="", pod="") == 512 * 1024**2
     # No utilization sample for 4343 yet: no series, rather than a made-up 0.
     assert series(rich, "gpu_process_sm_active_ratio", pid="4343") == {}
+
+
+def test_gpu_without_a_process_count_has_no_processes_series():
+    # NoPermission on the process query: the backend leaves gpu_processes out; 0 would mean "free".
+    view = rich_view()
+    h100 = view.snapshot.gpus[0]
+    values = {k: v for k, v in h100.values.items() if k != "gpu_processes"}
+    snapshot = replace(view.snapshot, gpus=(replace(h100, values=values, processes=()),))
+    text = render(replace(view, snapshot=snapshot), timer=lambda: 0.0)
+    assert series(text, "gpu_processes", **gpu(H100)) == {}
 
 
 def test_mig_instances(rich):

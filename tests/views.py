@@ -88,7 +88,8 @@ def h100_sample() -> GpuSample:
         up=True,
         timestamp=NOW,
         last_success=NOW,
-        values={**device_values(power=412.5, memory_used=71 * GIB), **GPM_VALUES},
+        # 3 processes on the GPU, 2 of them kept as series (the --process.max-series cap).
+        values={**device_values(power=412.5, memory_used=71 * GIB), **GPM_VALUES, "gpu_processes": 3.0},
         labelled=device_labelled(xids={"79": 1.0, "13": 2.0}),
         processes=(
             ProcessSample(pid=4242, process_name="python3", container="vllm", pod="vllm-0", namespace="serving",
@@ -119,7 +120,7 @@ def a100_sample() -> GpuSample:
         up=True,
         timestamp=NOW,
         last_success=NOW,
-        values=device_values(power=250.0, memory_used=20 * GIB),
+        values={**device_values(power=250.0, memory_used=20 * GIB), "gpu_processes": 0.0},
         labelled=device_labelled(),
         processes=(),
     )

@@ -20,7 +20,11 @@ def collect(view: View) -> Iterator[Metric]:
     memory = Family("gpu_process_memory_used_bytes")
     sm_active = Family("gpu_process_sm_active_ratio")
     for sample in live_gpus(view):
-        count.add_gpu(sample, len(sample.processes))
+        # The backend's count, not len(processes): the sampler caps the per-process series
+        # (--process.max-series), and a GPU whose processes cannot be listed (NoPermission) has no
+        # count at all rather than a misleading 0 ("free").
+        if "gpu_processes" in sample.values:
+            count.add_gpu(sample, sample.values["gpu_processes"])
         for process in sample.processes:
             who = (process.pid, process.process_name, process.container, process.pod, process.namespace)
             # None means NVML did not report it (e.g. no utilization sample yet): leave it out.
