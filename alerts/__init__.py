@@ -1,0 +1,1 @@
+"""Prometheus alerting and recording rules for gpuphase, generated from alerts/rules.py."""
