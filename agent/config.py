@@ -178,8 +178,9 @@ OPTIONS: tuple[Option, ...] = (
            "OTLP requests waiting to be decoded before senders are told to retry."),
     Option("phase.map", "phase_map", (), parse_phase_map,
            "SERVICE=GPUS: tie a service's spans to GPUs (indices or UUIDs). Repeatable.", multiple=True),
-    Option("phase.settle", "phase_settle", 15.0, parse_duration,
-           "How long samples wait for late spans before their phase is final (covers a 5s sender batch delay)."),
+    Option("phase.settle", "phase_settle", 60.0, parse_duration,
+           "How long samples wait for late spans before their phase is final: longer than your longest request "
+           "plus the sender's batch delay (vLLM sends a span when the request ends, 5s batches)."),
     Option("phase.retention", "phase_retention", 300.0, parse_duration,
            "How much sample history is kept per GPU; spans older than this are dropped and counted."),
     Option("phase.max-services", "phase_max_services", 32, parse_int,
@@ -214,7 +215,7 @@ class Config:
     otlp_max_request_bytes: int = 4 * 1024 * 1024
     otlp_queue_size: int = 256
     phase_map: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    phase_settle: float = 15.0
+    phase_settle: float = 60.0
     phase_retention: float = 300.0
     phase_max_services: int = 32
     process_max_series: int = 64

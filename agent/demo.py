@@ -31,6 +31,9 @@ MEMORY_BOUND = {**PHASE_ACTIVITY,
                                    fp16_active=0.06, fp32_active=0.04)}
 
 
+DEMO_SETTLE = 30.0
+
+
 @dataclass(frozen=True)
 class Scenario:
     description: str
@@ -209,7 +212,9 @@ def _dialable(address: str) -> str:
 def demo_config(config: Config, scenario: Scenario) -> Config:
     """The scenario decides the GPUs and, unless the user mapped services, the phase map."""
     phase_map = config.phase_map or tuple((load.service, tuple(str(g) for g in load.gpus)) for load in scenario.loads)
-    return replace(config, backend="sim", sim_gpus=scenario.gpus, phase_map=phase_map)
+    # The demo's requests last under 30 s; a shorter settle shows phases sooner than the default.
+    settle = DEMO_SETTLE if config.phase_settle == Config().phase_settle else config.phase_settle
+    return replace(config, backend="sim", sim_gpus=scenario.gpus, phase_map=phase_map, phase_settle=settle)
 
 
 def run_demo(config: Config, demo_scenario: str, demo_duration: float | None, demo_truth_file: str | None) -> int:

@@ -1,0 +1,204 @@
+"""Wires the agent together: backend -> sampler -> (processes, phases) -> exporter; OTLP -> mapper -> phases.
+
+`Agent` is also the exporter's ViewSource: one call per scrape returns everything rendered.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+from agent import __version__, sdnotify
+from agent.backends import Backend, BackendUnavailable, create_backend
+from agent.config import Config
+from agent.phases import PhaseAccountant
+from agent.processes import ProcessResolver
+from agent.sampler import Sampler
+from agent.spans.mapping import SpanMapper
+from agent.spans.receiver import SpanIntake
+from agent.spans.windows import PhaseWindow
+from agent.view import SpanStats, View
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(self, config: Config, backend: Backend | None = None):
+        self.config = config
+        self._backend = backend
+        self._stopped = threading.Event()
+        self._servers: list[Any] = []
+        self.metrics_port = 0
+        self.otlp_grpc_address = ""
+        self.otlp_http_address = ""
+        self.accountant = PhaseAccountant(config.phase_settle, config.phase_retention, config.phase_max_services)
+        self.mapper = SpanMapper(config.phase_map)
+        self.intake = SpanIntake(self._on_windows, config.otlp_max_request_bytes, config.otlp_queue_size)
+        self.sampler: Sampler | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Discover GPUs and start every server. Raises BackendUnavailable, ConfigError or OSError."""
+        config = self.config
+        if self._backend is None:
+            self._backend = create_backend(config)
+        resolver = (ProcessResolver(max_series_per_gpu=config.process_max_series)
+                    if config.collector_enabled("processes") else None)
+        self.sampler = Sampler(
+            self._backend,
+            interval=config.sample_interval,
+            timeout=config.sample_timeout,
+            resolve_processes=resolver.resolve if resolver else None,
+            on_sample=[self.accountant.add_sample],
+            on_snapshot=[self._on_snapshot],
+        )
+        identities = self.sampler.start()
+        log.info("gpuphase %s: %d GPU(s) on backend %s: %s", __version__, len(identities), self._backend.name,
+                 ", ".join(f"{i.index}={i.name}" for i in identities) or "none")
+        self._start_servers()
+        threading.Thread(target=self._notify_when_ready, name="readiness", daemon=True).start()
+
+    def _start_servers(self) -> None:
+        from exporters.http import MetricsServer
+        from exporters.registry import build_registry
+        from exporters.webconfig import load_web_config
+
+        config = self.config
+        metrics = MetricsServer(build_registry(self, config.disabled_collectors), config.web_listen_address,
+                                telemetry_path=config.web_telemetry_path, ready=self.ready,
+                                web_config=load_web_config(config.web_config_file)).start()
+        self._servers.append(metrics)
+        self.metrics_port = metrics.port
+        self._metrics_scheme = metrics.scheme
+        self.intake.start()
+        if config.otlp_grpc_listen_address:
+            from agent.spans.grpc_server import start_grpc_server
+
+            grpc_server = start_grpc_server(self.intake, config.otlp_grpc_listen_address)
+            self._servers.append(grpc_server)
+            self.otlp_grpc_address = _with_port(config.otlp_grpc_listen_address, grpc_server.port)
+        if config.otlp_http_listen_address:
+            from agent.spans.http_server import start_http_server
+
+            otlp_web = load_web_config(config.otlp_web_config_file)
+            auth = otlp_web.auth.check_header if otlp_web.auth else None
+            http_server = start_http_server(self.intake, config.otlp_http_listen_address, otlp_web.ssl_context, auth)
+            self._servers.append(http_server)
+            self.otlp_http_address = _with_port(config.otlp_http_listen_address, http_server.port)
+
+    @property
+    def metrics_url(self) -> str:
+        scheme = getattr(self, "_metrics_scheme", "http")
+        host = _with_port(self.config.web_listen_address, self.metrics_port).rpartition(":")[0] or "127.0.0.1"
+        if host in ("0.0.0.0", "[::]"):
+            host = "127.0.0.1"
+        return f"{scheme}://{host}:{self.metrics_port}{self.config.web_telemetry_path}"
+
+    def _notify_when_ready(self) -> None:
+        while not self._stopped.is_set():
+            if self.sampler and self.sampler.wait_ready(0.5):
+                sdnotify.notify("READY=1", "STATUS=sampling")
+                log.info("ready: first complete sample taken; serving %s", self.metrics_url)
+                return
+
+    def ready(self) -> bool:
+        return bool(self.sampler and self.sampler.ready())
+
+    def wait_stopped(self, timeout: float) -> bool:
+        return self._stopped.wait(timeout)
+
+    def request_stop(self) -> None:
+        self._stopped.set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        sdnotify.notify("STOPPING=1")
+        for server in reversed(self._servers):
+            try:
+                (server.shutdown if hasattr(server, "shutdown") else server.stop)()
+            except Exception:
+                log.exception("stopping %r failed", server)
+        self.intake.stop()
+        if self.sampler:
+            self.sampler.stop()
+        if self._backend:
+            self._backend.close()
+
+    # -- data flow -------------------------------------------------------------------------------
+    def _on_snapshot(self, snapshot) -> None:
+        """Tick thread: refresh the GPU/process view of the mapper, then finalise settled time."""
+        self.mapper.update_gpus(snapshot)
+        for gpu_key, services in self.mapper.service_map().items():
+            self.accountant.set_mapping(gpu_key, services)
+        self.accountant.advance(snapshot.timestamp)
+
+    def _on_windows(self, windows: list[PhaseWindow]) -> None:
+        """Span intake worker: windows -> GPUs -> accountant; what can't be placed is counted."""
+        by_gpu, unmatched = self.mapper.map(windows)
+        for reason, count in unmatched.items():
+            self.intake.count_unmatched(reason, count)
+        for gpu_key, gpu_windows in by_gpu.items():
+            self.accountant.add_windows(gpu_key, gpu_windows)
+
+    def view(self) -> View:
+        stats = self.intake.stats()
+        rejected = dict(stats.rejected)
+        for reason, count in self.accountant.rejected().items():
+            rejected[reason] = rejected.get(reason, 0) + count
+        return View(
+            snapshot=self.sampler.latest() if self.sampler else None,
+            backend=self._backend.name if self._backend else "",
+            phases=self.accountant.series(),
+            last_span=self.accountant.last_span(),
+            spans=SpanStats(stats.received, rejected, stats.unmatched),
+            sampler=self.sampler.stats() if self.sampler else None,
+        )
+
+
+def _with_port(address: str, port: int) -> str:
+    host = address.rpartition(":")[0]
+    return f"{host or '0.0.0.0'}:{port}"
+
+
+def run_agent(config: Config) -> int:
+    """`gpuphase run`: start, serve until SIGTERM/SIGINT, stop cleanly. Returns the exit code."""
+    from agent.logs import setup_logging
+
+    setup_logging(config.log_format, config.log_level)
+    agent = Agent(config)
+    try:
+        _start_with_wait(agent, config)
+    except BackendUnavailable as err:
+        print(f"gpuphase: {err}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as err:  # address in use, bad web config (WebConfigError), ...
+        print(f"gpuphase: cannot start: {err}", file=sys.stderr)
+        agent.stop()
+        return 1
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.request_stop())
+    while not agent.wait_stopped(1.0):
+        pass
+    log.info("stopping")
+    agent.stop()
+    return 0
+
+
+def _start_with_wait(agent: Agent, config: Config) -> None:
+    """With --nvml.wait, a host whose driver is not loaded yet is retried instead of failing."""
+    delay = 1.0
+    while True:
+        try:
+            agent.start()
+            return
+        except BackendUnavailable as err:
+            if not config.nvml_wait:
+                raise
+            log.warning("%s; retrying in %.0fs (--nvml.wait)", err, delay)
+            if agent.wait_stopped(delay):
+                raise
+            delay = min(delay * 2, 30.0)
+            agent._backend = None  # a fresh backend next time
