@@ -100,7 +100,7 @@ class Agent:
     def _notify_when_ready(self) -> None:
         while not self._stopped.is_set():
             if self.sampler and self.sampler.wait_ready(0.5):
-                sdnotify.notify("READY=1", "STATUS=sampling")
+                sdnotify.ready("sampling")
                 log.info("ready: first complete sample taken; serving %s", self.metrics_url)
                 return
 
@@ -115,7 +115,7 @@ class Agent:
 
     def stop(self) -> None:
         self._stopped.set()
-        sdnotify.notify("STOPPING=1")
+        sdnotify.stopping()
         for server in reversed(self._servers):
             try:
                 (server.shutdown if hasattr(server, "shutdown") else server.stop)()
@@ -134,6 +134,7 @@ class Agent:
         for gpu_key, services in self.mapper.service_map().items():
             self.accountant.set_mapping(gpu_key, services)
         self.accountant.advance(snapshot.timestamp)
+        sdnotify.watchdog()  # systemd's WatchdogSec: proof that the tick loop is alive
 
     def _on_windows(self, windows: list[PhaseWindow]) -> None:
         """Span intake worker: windows -> GPUs -> accountant; what can't be placed is counted."""

@@ -67,13 +67,19 @@ class _GpuWorker:
         with self._lock:
             if self._busy_since is not None:
                 return False
-            self._busy_since = self._clock()
+            self._busy_since = time.monotonic()
         self._wake.set()
         return True
 
-    def busy_for(self, now: float) -> float:
+    def busy(self) -> bool:
         with self._lock:
-            return 0.0 if self._busy_since is None else now - self._busy_since
+            return self._busy_since is not None
+
+    def busy_for(self) -> float:
+        """Seconds the current reading has been running (monotonic: hang detection must not depend
+        on the wall clock, which can jump); 0 when idle."""
+        with self._lock:
+            return 0.0 if self._busy_since is None else time.monotonic() - self._busy_since
 
     def result(self) -> _Result:
         with self._lock:
@@ -163,14 +169,19 @@ class Sampler:
         self._ready = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def start(self) -> list[GpuIdentity]:
-        """Discover GPUs (raises BackendUnavailable) and start sampling in the background."""
+    def start(self, run_loop: bool = True) -> list[GpuIdentity]:
+        """Discover GPUs (raises BackendUnavailable) and start sampling in the background.
+
+        run_loop=False starts only the GPU workers: the caller drives `tick()` itself (golden files
+        and benchmarks, where time must be under the caller's control).
+        """
         identities = self._backend.discover()
         self._workers = [_GpuWorker(self._backend, identity, self._clock) for identity in identities]
         for worker in self._workers:
             worker.start()
-        self._thread = threading.Thread(target=self._loop, name="sampler", daemon=True)
-        self._thread.start()
+        if run_loop:
+            self._thread = threading.Thread(target=self._loop, name="sampler", daemon=True)
+            self._thread.start()
         return identities
 
     def stop(self) -> None:
@@ -218,14 +229,14 @@ class Sampler:
             self._overruns += 1
         deadline = started + self._interval * 0.8
         for worker in requested:
-            while worker.busy_for(self._clock()) and time.monotonic() < deadline and not self._stop.is_set():
+            while worker.busy() and time.monotonic() < deadline and not self._stop.is_set():
                 time.sleep(0.002)
         now = self._clock()
         samples = tuple(self._sample_for(worker, now) for worker in self._workers)
         # Complete once every GPU has answered or been given up on: a GPU hung at start-up must
         # not keep the agent unready forever (it shows as gpu_up 0 instead).
         complete = all(
-            worker.identity.index in self._seen_seq or worker.busy_for(now) > self._timeout
+            worker.identity.index in self._seen_seq or worker.busy_for() > self._timeout
             for worker in self._workers
         )
         snapshot = Snapshot(now, samples, complete, time.monotonic() - started)
@@ -248,7 +259,7 @@ class Sampler:
                 _notify(self._on_sample, sample)
                 return sample
         last_good = self._last_good.get(index)
-        hung = worker.busy_for(now) > self._timeout
+        hung = worker.busy_for() > self._timeout
         if result.error or hung or last_good is None:
             return GpuSample(worker.identity, up=False, timestamp=now,
                              last_success=last_good.last_success if last_good else 0.0)

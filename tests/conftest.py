@@ -26,3 +26,12 @@ def require_tool(name: str) -> str:
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def fake_nvml_library(tmp_path_factory):
+    """The fake libnvidia-ml.so.1 compiled once per session from tests/fakenvml/fake_nvml.c."""
+    require_tool("gcc")
+    from tests.fakenvml import build_fake_nvml
+
+    return build_fake_nvml(tmp_path_factory.mktemp("fakenvml-build"))

@@ -107,8 +107,8 @@ def test_unit_runs_unprivileged_hardened_and_notifies():
     # The GPU must stay reachable: no private /dev, and the NVIDIA device nodes allowed.
     assert "Service.PrivateDevices" not in d
     assert "char-nvidia* rw" in d["Service.DeviceAllow"]
-    # Without the agent pinging, a watchdog would restart it every WatchdogSec.
-    assert "Service.WatchdogSec" not in d
+    # The agent pings WATCHDOG=1 from every sampling tick (agent/app.py).
+    assert d["Service.WatchdogSec"] == ["30s"]
     for limit in ("Service.MemoryMax", "Service.CPUQuota"):
         assert limit in d
 

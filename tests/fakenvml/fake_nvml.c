@@ -24,6 +24,8 @@
  *   gpuN.xid_storm=XID:RATE        additionally deliver XID at RATE events per second
  *   gpuN.clock_reasons=MASK        fixed clocks-event-reasons bitmask (default follows load)
  *   gpuN.field.ID=VALUE            fixed value of scalar field ID (e.g. ECC or remapped-row counts)
+ *   frozen_time=SECONDS            the simulated hardware's clock stands still at SECONDS since load,
+ *                                  so every reading is reproducible (golden /metrics files)
  *
  * Test hooks (not NVML): fake_nvml_call_count(name) counts calls per function, and per requested
  * field as "field<ID>"; fake_nvml_sizeof(type) reports this file's struct sizes for layout checks.
@@ -140,6 +142,7 @@ struct hang { int gpu; char function[64]; double seconds; };
 
 struct config {
     int gpus, driver_missing, nhangs;
+    double frozen_time; /* < 0: time runs */
     struct hang hangs[MAX_HANGS];
     struct gpu_config gpu[FAKE_MAX_GPUS];
 };
@@ -166,7 +169,7 @@ static double now(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static double elapsed(void) { return now() - t0; }
+static double elapsed(void) { return cfg.frozen_time >= 0 ? 1000.0 + cfg.frozen_time : now() - t0; }
 
 __attribute__((constructor)) static void fake_nvml_load(void) {
     t0 = now() - 1000.0; /* counters start at a non-zero, already-running value */
@@ -212,6 +215,7 @@ long fake_nvml_sizeof(const char *type) {
 static void set_defaults(struct config *c) {
     memset(c, 0, sizeof *c);
     c->gpus = 2;
+    c->frozen_time = -1.0;
     for (int i = 0; i < FAKE_MAX_GPUS; i++) {
         c->gpu[i].gpm = 1;
         c->gpu[i].clock_reasons = -1;
@@ -282,6 +286,7 @@ static void parse_line(struct config *c, char *line) {
         if (c->gpus < 0) c->gpus = 0;
         if (c->gpus > FAKE_MAX_GPUS) c->gpus = FAKE_MAX_GPUS;
     } else if (!strcmp(key, "driver_missing")) c->driver_missing = atoi(value);
+    else if (!strcmp(key, "frozen_time")) c->frozen_time = atof(value);
     else if (!strncmp(key, "hang.", 5)) add_hang(c, -1, key + 5, value);
     else if (sscanf(key, "gpu%d.", &n) == 1 && n >= 0 && n < FAKE_MAX_GPUS) {
         parse_gpu_key(c, n, strchr(key, '.') + 1, value);
