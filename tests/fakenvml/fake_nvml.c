@@ -10,6 +10,11 @@
  *
  *   gpus=N                         number of GPUs (default 2, at most FAKE_MAX_GPUS)
  *   driver_missing=1               nvmlInit* returns NVML_ERROR_DRIVER_NOT_LOADED
+ *   driver_unloaded=1              the kernel driver went away under a running agent: every call
+ *                                  returns NVML_ERROR_UNINITIALIZED and nvmlInit* returns
+ *                                  NVML_ERROR_DRIVER_NOT_LOADED. The NVML session is gone for good:
+ *                                  after the key is removed ("driver reloaded") calls keep answering
+ *                                  UNINITIALIZED until the caller runs nvmlInit again.
  *   hang.FUNCTION=SECONDS          FUNCTION sleeps before answering (any GPU, or no GPU)
  *   gpuN.hang.FUNCTION=SECONDS     same, for GPU N only. Removing the key ends a hang early.
  *   gpuN.gpm=0|1                   GPM supported (Hopper-like, default) or not (Ampere-like)
@@ -141,7 +146,7 @@ struct gpu_config {
 struct hang { int gpu; char function[64]; double seconds; };
 
 struct config {
-    int gpus, driver_missing, nhangs;
+    int gpus, driver_missing, driver_unloaded, nhangs;
     double frozen_time; /* < 0: time runs */
     struct hang hangs[MAX_HANGS];
     struct gpu_config gpu[FAKE_MAX_GPUS];
@@ -286,6 +291,7 @@ static void parse_line(struct config *c, char *line) {
         if (c->gpus < 0) c->gpus = 0;
         if (c->gpus > FAKE_MAX_GPUS) c->gpus = FAKE_MAX_GPUS;
     } else if (!strcmp(key, "driver_missing")) c->driver_missing = atoi(value);
+    else if (!strcmp(key, "driver_unloaded")) c->driver_unloaded = atoi(value);
     else if (!strcmp(key, "frozen_time")) c->frozen_time = atof(value);
     else if (!strncmp(key, "hang.", 5)) add_hang(c, -1, key + 5, value);
     else if (sscanf(key, "gpu%d.", &n) == 1 && n >= 0 && n < FAKE_MAX_GPUS) {
@@ -358,6 +364,7 @@ static nvmlReturn_t enter(const char *function, int gpu) {
     pthread_mutex_lock(&lock);
     count_call_locked(function);
     reload_locked();
+    if (cfg.driver_unloaded) init_count = 0; /* driver_unloaded: the session does not survive a reload */
     int initialized = init_count > 0;
     pthread_mutex_unlock(&lock);
     maybe_hang(function, gpu);
@@ -433,7 +440,7 @@ static nvmlReturn_t do_init(const char *function) {
     pthread_mutex_lock(&lock);
     count_call_locked(function);
     reload_locked();
-    int missing = cfg.driver_missing;
+    int missing = cfg.driver_missing || cfg.driver_unloaded;
     pthread_mutex_unlock(&lock);
     maybe_hang(function, -1);
     if (missing) return NVML_ERROR_DRIVER_NOT_LOADED;
