@@ -127,6 +127,10 @@ _CLOCK_EVENT_REASONS = (
 )
 
 GPM_MIN_INTERVAL = 0.1  # NVML: two GPM samples must be at least 100 ms apart
+# An XID storm (a failing GPU can raise hundreds a second) must not become a log storm: the first
+# XID of each kind per GPU is logged at once, later ones as one summary line at most this often.
+# gpu_xid_errors_total counts every one regardless.
+XID_LOG_INTERVAL = 60.0
 
 
 def _clamp_ratio(percent: float) -> float:
@@ -400,6 +404,7 @@ class _XidWatcher:
         self._counts: dict[int, dict[str, float]] = {}
         self._by_address: dict[int, int] = {}
         self._by_uuid: dict[str, int] = {}
+        self._logged: dict[tuple[int, int], tuple[float, float]] = {}  # (gpu, xid) -> (when, count then)
         self._stop = threading.Event()
         self._event_set: Any = None
         self._thread: threading.Thread | None = None
@@ -462,11 +467,23 @@ class _XidWatcher:
         if index is None:
             log.warning("XID %d on an unknown GPU", xid)
             return
-        log.warning("GPU %d: XID %d", index, xid)
         with self._lock:
             per_gpu = self._counts.setdefault(index, {})
             key = str(xid)
-            per_gpu[key] = per_gpu.get(key, 0.0) + 1.0
+            per_gpu[key] = total = per_gpu.get(key, 0.0) + 1.0
+        self._log(index, xid, total)
+
+    def _log(self, index: int, xid: int, total: float) -> None:
+        """Called on this watcher's thread only, so _logged needs no lock."""
+        now = time.monotonic()
+        last = self._logged.get((index, xid))
+        if last is None:
+            log.warning("GPU %d: XID %d", index, xid)
+        elif now - last[0] >= XID_LOG_INTERVAL:
+            log.warning("GPU %d: XID %d, %d more since %.0fs ago", index, xid, total - last[1], now - last[0])
+        else:
+            return
+        self._logged[(index, xid)] = (now, total)
 
     def stop(self) -> None:
         self._stop.set()
