@@ -45,13 +45,12 @@ class Agent:
         config = self.config
         if self._backend is None:
             self._backend = create_backend(config)
-        resolver = (ProcessResolver(max_series_per_gpu=config.process_max_series)
-                    if config.collector_enabled("processes") else None)
+        resolve = self._process_labeller() if config.collector_enabled("processes") else None
         self.sampler = Sampler(
             self._backend,
             interval=config.sample_interval,
             timeout=config.sample_timeout,
-            resolve_processes=resolver.resolve if resolver else None,
+            resolve_processes=resolve,
             on_sample=[self.accountant.add_sample],
             on_snapshot=[self._on_snapshot],
         )
@@ -60,6 +59,21 @@ class Agent:
                  ", ".join(f"{i.index}={i.name}" for i in identities) or "none")
         self._start_servers()
         threading.Thread(target=self._notify_when_ready, name="readiness", daemon=True).start()
+
+    def _process_labeller(self):
+        """pid -> name/container/pod from /proc; on Kubernetes, pod names from the kubelet's
+        pod-resources API (refreshed in the background; nothing happens where the socket is absent)."""
+        import os
+
+        from agent.podresources import DEFAULT_SOCKET, PodResourcesWatcher, label_with_owner
+
+        resolver = ProcessResolver(max_series_per_gpu=self.config.process_max_series)
+        if not os.path.exists(DEFAULT_SOCKET):
+            return lambda identity, readings: resolver.resolve(readings)
+        watcher = PodResourcesWatcher()
+        watcher.start()
+        self._servers.append(watcher)
+        return lambda identity, readings: label_with_owner(resolver.resolve(readings), watcher.lookup(identity.uuid))
 
     def _start_servers(self) -> None:
         from exporters.http import MetricsServer

@@ -33,12 +33,14 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 from types import MappingProxyType
 from typing import Callable, Mapping, NamedTuple
 
 import grpc
 
 from agent import _podresources_pb as pb
+from agent.snapshot import ProcessSample
 
 log = logging.getLogger(__name__)
 
@@ -203,3 +205,16 @@ class PodResourcesWatcher:
                 self._errors += 1
                 log.exception("kubelet pod-resources refresh crashed")
             self._stop.wait(self.interval)
+
+
+def label_with_owner(samples: tuple[ProcessSample, ...], owner: PodRef | None) -> tuple[ProcessSample, ...]:
+    """Give the GPU's owning pod's name, namespace and container to its processes that run in a pod.
+
+    The cgroup path (agent/processes.py) tells that a process is in *some* pod (by UID); this API
+    names the pod that holds the GPU. A process outside any pod (a host process using the GPU)
+    keeps empty labels, and a shared GPU (no single owner) keeps the cgroup-derived labels.
+    """
+    if owner is None:
+        return samples
+    return tuple(replace(s, pod=owner.pod, namespace=owner.namespace, container=owner.container) if s.pod else s
+                 for s in samples)

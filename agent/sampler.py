@@ -146,7 +146,7 @@ class Sampler:
         backend: Backend,
         interval: float,
         timeout: float,
-        resolve_processes: Callable[[Sequence], tuple] | None = None,
+        resolve_processes: Callable[[GpuIdentity, Sequence], tuple] | None = None,
         on_sample: Sequence[SampleListener] = (),
         on_snapshot: Sequence[SnapshotListener] = (),
         clock: Callable[[], float] = time.time,
@@ -267,7 +267,7 @@ class Sampler:
 
     def _to_sample(self, identity: GpuIdentity, result: _Result) -> GpuSample:
         reading = result.reading
-        processes = self._resolve(reading.processes) if self._resolve and reading.processes else ()
+        processes = self._resolve(identity, reading.processes) if self._resolve and reading.processes else ()
         return GpuSample(
             identity=identity,
             up=True,

@@ -35,7 +35,7 @@ class ManualClock:
         return self.now
 
 
-def fake_resolver(readings):
+def fake_resolver(identity, readings):
     """Stands in for /proc: names depend on the machine the test runs on."""
     return tuple(ProcessSample(pid=r.pid, process_name="vllm-worker", container="3f2a9c81d4e7",
                                pod="7d0c7d36-2d7e-4c4e-9a57-2f9d7c1e5b11", memory_used_bytes=r.memory_used_bytes,

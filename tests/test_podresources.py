@@ -238,3 +238,16 @@ def test_stale_mapping_is_dropped(kubelet):
         assert w.lookup("GPU-aaaa") is None
     finally:
         w.stop()
+
+
+def test_label_with_owner_names_pod_processes_only():
+    from agent.podresources import PodRef, label_with_owner
+    from agent.snapshot import ProcessSample
+
+    in_pod = ProcessSample(pid=1, process_name="python3", container="3f2a9c81d4e7", pod="7d0c7d36-uid")
+    on_host = ProcessSample(pid=2, process_name="nvtop")
+    owner = PodRef(pod="vllm-0", namespace="serving", container="vllm")
+    labelled = label_with_owner((in_pod, on_host), owner)
+    assert (labelled[0].pod, labelled[0].namespace, labelled[0].container) == ("vllm-0", "serving", "vllm")
+    assert labelled[1] == on_host
+    assert label_with_owner((in_pod,), None) == (in_pod,)  # shared or free GPU: cgroup labels stay

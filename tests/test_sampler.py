@@ -139,8 +139,8 @@ def test_listeners_get_each_fresh_sample_once_and_processes_are_resolved():
     seen = []
     resolved = []
 
-    def resolve(readings):
-        resolved.append(readings)
+    def resolve(identity, readings):
+        resolved.append((identity.index, readings))
         return ("resolved",)
 
     sampler = make(backend, on_sample=[seen.append], resolve_processes=resolve)
