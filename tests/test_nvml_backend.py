@@ -16,7 +16,7 @@ import pytest
 from agent.backends import BackendUnavailable, GpuLost
 from agent.backends.nvml import NvmlBackend
 from agent.config import Config
-from tests.fakenvml import FakeNvml, build_fake_nvml
+from tests.fakenvml import FakeNvml
 
 GIB = 1024**3
 EVENT_WAIT_MS = 50  # short XID waits so close() (and each test) ends quickly
@@ -28,11 +28,6 @@ CLOCK_EVENT_REASONS = {
     "gpu_idle", "applications_clocks_setting", "sw_power_cap", "hw_slowdown", "sync_boost",
     "sw_thermal_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown", "display_clock_setting",
 }
-
-
-@pytest.fixture(scope="session")
-def fake_nvml_library(tmp_path_factory):
-    return build_fake_nvml(tmp_path_factory.mktemp("fakenvml-build"))
 
 
 @pytest.fixture
