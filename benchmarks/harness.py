@@ -1,0 +1,184 @@
+"""Shared tools of the benchmarks: percentiles, free ports, the agent as a subprocess, the machine.
+
+The agent is measured as a subprocess (psutil RSS and CPU times) wherever memory or CPU is the
+figure: measuring it inside the harness would count the harness's own imports and threads.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+MIB = 1024 * 1024
+ALL_GPUS_8 = "0,1,2,3,4,5,6,7"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))
+    return ordered[rank]
+
+
+def free_port() -> int:
+    """A loopback port free right now (the agent's CLI needs fixed ports for its OTLP receivers)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child that imports this checkout's packages."""
+    env = {**os.environ, **(extra or {})}
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+class AgentProcess:
+    """`gpuphase run` as a child process on free loopback ports (`python -m agent.cli` = the console script)."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None):
+        self.metrics_port = free_port()
+        self.grpc_port = free_port()
+        self.http_port = free_port()
+        self.command = [
+            sys.executable, "-m", "agent.cli", "run",
+            "--web.listen-address", f"127.0.0.1:{self.metrics_port}",
+            "--otlp.grpc-listen-address", f"127.0.0.1:{self.grpc_port}",
+            "--otlp.http-listen-address", f"127.0.0.1:{self.http_port}",
+            "--log.level", "warn", *args,
+        ]
+        self.started_at = time.perf_counter()
+        self.popen = subprocess.Popen(self.command, cwd=ROOT, env=subprocess_env(env),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = psutil.Process(self.popen.pid)
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_address(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    def wait_ready(self, timeout: float = 30.0, poll: float = 0.005) -> float:
+        """Seconds from spawning the process until /-/ready answered 200."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.popen.returncode}: {self.stderr_text()}")
+            try:
+                status, _ = http_get(self.metrics_port, "/-/ready", timeout=1.0)
+                if status == 200:
+                    return time.perf_counter() - self.started_at
+            except OSError:
+                pass
+            time.sleep(poll)
+        raise TimeoutError(f"agent not ready within {timeout}s: {' '.join(self.command)}")
+
+    def rss_bytes(self) -> int:
+        return self.process.memory_info().rss
+
+    def cpu_seconds(self) -> float:
+        times = self.process.cpu_times()
+        return times.user + times.system
+
+    def metrics_text(self) -> str:
+        status, body = http_get(self.metrics_port, "/metrics")
+        if status != 200:
+            raise RuntimeError(f"/metrics answered {status}")
+        return body.decode()
+
+    def stderr_text(self) -> str:
+        if self.popen.poll() is None:
+            return ""
+        return (self.popen.stderr.read() if self.popen.stderr else b"").decode(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        if self.popen.stderr:
+            self.popen.stderr.close()
+
+    def __enter__(self) -> "AgentProcess":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.stop()
+
+
+def sim_agent_args(gpus: int = 8, interval: str = "1s", *extra: str) -> list[str]:
+    """Flags of a simulated agent whose service "vllm" owns every GPU (so windows are placed)."""
+    every = ",".join(str(i) for i in range(gpus))
+    return ["--backend", "sim", "--sim.gpus", str(gpus), "--sample.interval", interval,
+            "--phase.map", f"vllm={every}", *extra]
+
+
+class CpuMeter:
+    """CPU share of one core used by a process between two readings (1.0 = one core fully busy)."""
+
+    def __init__(self, process: psutil.Process):
+        self._process = process
+        self._cpu, self._wall = self._read()
+
+    def _read(self) -> tuple[float, float]:
+        times = self._process.cpu_times()
+        return times.user + times.system, time.monotonic()
+
+    def share(self) -> float:
+        """Share since the previous call (or construction); restarts the window."""
+        cpu, wall = self._read()
+        share = (cpu - self._cpu) / max(wall - self._wall, 1e-9)
+        self._cpu, self._wall = cpu, wall
+        return share
+
+
+def machine() -> dict[str, str]:
+    """What the figures were measured on, for the report's header."""
+    from google.protobuf.internal import api_implementation
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": str(os.cpu_count()),
+        "memory": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
+        "python": platform.python_version(),
+        "protobuf backend": api_implementation.Type(),
+        "os": f"{platform.system()} {platform.release()}",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
