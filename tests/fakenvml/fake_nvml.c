@@ -29,6 +29,16 @@
  *   gpuN.xid_storm=XID:RATE        additionally deliver XID at RATE events per second
  *   gpuN.clock_reasons=MASK        fixed clocks-event-reasons bitmask (default follows load)
  *   gpuN.field.ID=VALUE            fixed value of scalar field ID (e.g. ECC or remapped-row counts)
+ *   gpuN.mig=3g.40gb,3g.40gb       MIG mode on, with one GPU instance (one compute instance each) per
+ *                                  profile, instance ids 1..k; an empty value is MIG on with no
+ *                                  instances. Without the key MIG is off. A profile is `<n>g.<m>gb`:
+ *                                  the instance has m GiB of memory. MIG devices have their own
+ *                                  handles (name "<GPU name> MIG <profile>", UUID "MIG-..."); UUID,
+ *                                  name, memory and the MIG queries answer on them, whole-GPU calls
+ *                                  return NVML_ERROR_INVALID_ARGUMENT, and a handle of an instance
+ *                                  that was removed since returns NVML_ERROR_INVALID_ARGUMENT too.
+ *                                  nvmlGpmMigSampleGet samples an instance (NOT_FOUND for an unknown
+ *                                  id); gpuN.unsupported=nvmlGpmMigSampleGet turns MIG GPM off.
  *   frozen_time=SECONDS            the simulated hardware's clock stands still at SECONDS since load,
  *                                  so every reading is reproducible (golden /metrics files)
  *
@@ -63,8 +73,11 @@ enum { VT_DOUBLE = 0, VT_UINT = 1, VT_ULONG = 2, VT_ULLONG = 3, VT_SLLONG = 4, V
 #define MEMORY_V2_VERSION 0x02000028u
 #define EVENT_XID 0x8ull
 #define NO_INSTANCE 0xFFFFFFFFu
+#define FAKE_MAX_MIG 7 /* an A100 or H100 splits into at most 7 GPU instances */
+#define MIG_ENABLE 1
 
-struct fake_gpu { int index; };
+/* A device handle: the whole GPU `index` (instance 0) or its MIG device of GPU instance `instance`. */
+struct fake_gpu { int index; unsigned int instance; };
 typedef struct fake_gpu *nvmlDevice_t;
 
 typedef struct {
@@ -108,7 +121,7 @@ typedef struct {
     double value;
     nvmlGpmMetricInfo_t metricInfo;
 } nvmlGpmMetric_t;
-struct fake_gpm_sample { int gpu; int taken; double t; };
+struct fake_gpm_sample { int gpu; unsigned int instance; int taken; double t; }; /* instance 0: whole GPU */
 typedef struct fake_gpm_sample *nvmlGpmSample_t;
 typedef struct {
     unsigned int version, numMetrics;
@@ -141,6 +154,9 @@ struct gpu_config {
     long long clock_reasons; /* -1: follow load */
     unsigned char field_set[FIELD_MAX];
     unsigned long long field_value[FIELD_MAX];
+    int mig_enabled, nmig;
+    char mig_profile[FAKE_MAX_MIG][24];
+    unsigned long long mig_memory[FAKE_MAX_MIG]; /* bytes, from the profile */
 };
 
 struct hang { int gpu; char function[64]; double seconds; };
@@ -155,6 +171,7 @@ struct config {
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct config cfg;
 static struct fake_gpu handles[FAKE_MAX_GPUS];
+static struct fake_gpu mig_handles[FAKE_MAX_GPUS][FAKE_MAX_MIG]; /* separate, so no MIG handle is a GPU handle */
 static int init_count;
 static double t0;
 static struct { dev_t dev; ino_t ino; off_t size; struct timespec mtime; int present; } control_id;
@@ -178,7 +195,10 @@ static double elapsed(void) { return cfg.frozen_time >= 0 ? 1000.0 + cfg.frozen_
 
 __attribute__((constructor)) static void fake_nvml_load(void) {
     t0 = now() - 1000.0; /* counters start at a non-zero, already-running value */
-    for (int i = 0; i < FAKE_MAX_GPUS; i++) handles[i].index = i;
+    for (int i = 0; i < FAKE_MAX_GPUS; i++) {
+        handles[i] = (struct fake_gpu){i, 0};
+        for (int k = 0; k < FAKE_MAX_MIG; k++) mig_handles[i][k] = (struct fake_gpu){i, (unsigned int)k + 1};
+    }
 }
 
 static void count_call_locked(const char *name) {
@@ -252,6 +272,23 @@ static void parse_xids(struct gpu_config *g, char *value) {
         g->xids[g->nxids++] = (unsigned int)strtoul(item, NULL, 10);
 }
 
+/* "3g.40gb,1g.10gb": MIG on, one GPU instance per well-formed profile; "" is MIG on with none. */
+static void parse_mig(struct gpu_config *g, char *value) {
+    g->mig_enabled = 1;
+    g->nmig = 0;
+    for (char *save = NULL, *item = strtok_r(value, ",", &save); item && g->nmig < FAKE_MAX_MIG;
+         item = strtok_r(NULL, ",", &save)) {
+        unsigned int slices, gib;
+        char tail;
+        if (sscanf(item, "%ug.%ugb%c", &slices, &gib, &tail) != 2 || slices == 0 || gib == 0) {
+            fprintf(stderr, "fake_nvml: ignoring MIG profile '%s' (expected <n>g.<m>gb)\n", item);
+            continue;
+        }
+        snprintf(g->mig_profile[g->nmig], sizeof g->mig_profile[0], "%s", item);
+        g->mig_memory[g->nmig++] = (unsigned long long)gib << 30;
+    }
+}
+
 static void add_hang(struct config *c, int gpu, const char *function, const char *seconds) {
     if (c->nhangs >= MAX_HANGS) return;
     struct hang *h = &c->hangs[c->nhangs++];
@@ -271,6 +308,7 @@ static void parse_gpu_key(struct config *c, int n, const char *key, char *value)
     else if (!strcmp(key, "xid")) parse_xids(g, value);
     else if (!strcmp(key, "xid_storm")) sscanf(value, "%u:%lf", &g->storm_xid, &g->storm_rate);
     else if (!strcmp(key, "clock_reasons")) g->clock_reasons = strtoll(value, NULL, 0);
+    else if (!strcmp(key, "mig")) parse_mig(g, value);
     else if (!strncmp(key, "field.", 6)) {
         int id = atoi(key + 6);
         if (id > 0 && id < FIELD_MAX) { g->field_set[id] = 1; g->field_value[id] = strtoull(value, NULL, 0); }
@@ -371,16 +409,30 @@ static nvmlReturn_t enter(const char *function, int gpu) {
     return initialized ? NVML_SUCCESS : NVML_ERROR_UNINITIALIZED;
 }
 
-/* Entry of a per-device function: also validates the handle and applies the GPU's faults.
-   On success *gpu is the GPU's index. */
-static nvmlReturn_t enter_device(const char *function, nvmlDevice_t device, int *gpu) {
-    int index = -1;
-    if (device >= handles && device < handles + FAKE_MAX_GPUS) index = device->index;
+/* The GPU index behind a handle of ours (-1: not ours) and its MIG instance (0: the whole GPU). */
+static int resolve_handle(nvmlDevice_t device, unsigned int *instance) {
+    const struct fake_gpu *first_mig = &mig_handles[0][0];
+    *instance = 0;
+    if (device >= handles && device < handles + FAKE_MAX_GPUS) return device->index;
+    if (device >= first_mig && device < first_mig + FAKE_MAX_GPUS * FAKE_MAX_MIG) {
+        *instance = device->instance;
+        return device->index;
+    }
+    return -1;
+}
+
+/* Entry of a function that takes a GPU or a MIG device handle: also validates the handle and applies
+   the GPU's faults (a MIG device shares its parent's). On success *gpu is the (parent) GPU's index
+   and *instance the MIG instance, 0 for the whole GPU. */
+static nvmlReturn_t enter_any_device(const char *function, nvmlDevice_t device, int *gpu, unsigned int *instance) {
+    int index = resolve_handle(device, instance);
     nvmlReturn_t r = enter(function, index);
     if (r != NVML_SUCCESS) return r;
     pthread_mutex_lock(&lock);
     if (index < 0 || index >= cfg.gpus) r = NVML_ERROR_INVALID_ARGUMENT;
     else if (cfg.gpu[index].lost) r = NVML_ERROR_GPU_IS_LOST;
+    else if (*instance > 0 && (!cfg.gpu[index].mig_enabled || *instance > (unsigned int)cfg.gpu[index].nmig))
+        r = NVML_ERROR_INVALID_ARGUMENT; /* the MIG instance was destroyed since the handle was taken */
     else if (in_list(cfg.gpu[index].unsupported, function)) r = NVML_ERROR_NOT_SUPPORTED;
     else if (in_list(cfg.gpu[index].no_permission, function)) r = NVML_ERROR_NO_PERMISSION;
     pthread_mutex_unlock(&lock);
@@ -388,15 +440,34 @@ static nvmlReturn_t enter_device(const char *function, nvmlDevice_t device, int 
     return r;
 }
 
+/* Entry of a whole-GPU function: a MIG device handle is an invalid argument. */
+static nvmlReturn_t enter_device(const char *function, nvmlDevice_t device, int *gpu) {
+    unsigned int instance;
+    nvmlReturn_t r = enter_any_device(function, device, gpu, &instance);
+    return r == NVML_SUCCESS && instance != 0 ? NVML_ERROR_INVALID_ARGUMENT : r;
+}
+
 #define DEVICE_ENTRY(device) \
     int gpu; \
     nvmlReturn_t entry_status = enter_device(__func__, (device), &gpu); \
     if (entry_status != NVML_SUCCESS) return entry_status
 
+#define ANY_DEVICE_ENTRY(device) \
+    int gpu; \
+    unsigned int instance; \
+    nvmlReturn_t entry_status = enter_any_device(__func__, (device), &gpu, &instance); \
+    if (entry_status != NVML_SUCCESS) return entry_status
+
+#define MIG_DEVICE_ENTRY(device) \
+    ANY_DEVICE_ENTRY(device); \
+    if (instance == 0) return NVML_ERROR_INVALID_ARGUMENT
+
 /* ---- the simulated hardware: deterministic functions of time and GPU index ----------------------------- */
 
-static double wave(double t, int gpu, double period) { return sin(2 * M_PI * t / period + gpu); }
-static double utilization(double t, int gpu) { return 50.0 + 40.0 * wave(t, gpu, 7.0); }
+/* `phase` is the GPU index, shifted per MIG instance (mig_phase), so every device moves differently. */
+static double wave(double t, double phase, double period) { return sin(2 * M_PI * t / period + phase); }
+static double utilization(double t, double phase) { return 50.0 + 40.0 * wave(t, phase, 7.0); }
+static double mig_phase(int gpu, unsigned int instance) { return gpu + 0.9 * instance; }
 static double power_w(double t, int gpu) { return 350.0 + 50.0 * wave(t, gpu, 11.0); }
 /* The exact integral of power_w, so energy and power agree. */
 static double energy_j(double t, int gpu) {
@@ -417,8 +488,23 @@ static unsigned long long used_memory_locked(int gpu, double t) {
     return used > TOTAL_MEMORY - RESERVED_MEMORY ? TOTAL_MEMORY - RESERVED_MEMORY : used;
 }
 
-static double gpm_metric_percent(unsigned int id, double t, int gpu) {
-    double u = utilization(t, gpu) / 100.0; /* 0.1 .. 0.9 */
+/* Memory of the whole GPU (instance 0) or of one MIG instance, which reserves nothing of its own and
+   uses between 0 and a quarter of its slice. */
+static void memory_locked(int gpu, unsigned int instance, double t, unsigned long long *total,
+                          unsigned long long *reserved, unsigned long long *used) {
+    if (instance == 0) {
+        *total = TOTAL_MEMORY;
+        *reserved = RESERVED_MEMORY;
+        *used = used_memory_locked(gpu, t);
+        return;
+    }
+    *total = cfg.gpu[gpu].mig_memory[instance - 1];
+    *reserved = 0;
+    *used = (unsigned long long)((1.0 + wave(t, mig_phase(gpu, instance), 13.0)) * (double)(*total / 8));
+}
+
+static double gpm_metric_percent(unsigned int id, double t, double phase) {
+    double u = utilization(t, phase) / 100.0; /* 0.1 .. 0.9 */
     switch (id) {
     case 1: return 100.0 * u;              /* GRAPHICS_UTIL */
     case 2: return 95.0 * u;               /* SM_UTIL */
@@ -538,18 +624,21 @@ nvmlReturn_t nvmlDeviceGetHandleByUUID(const char *uuid, nvmlDevice_t *device) {
 }
 
 nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int length) {
-    DEVICE_ENTRY(device);
+    ANY_DEVICE_ENTRY(device);
     char text[96];
-    format_uuid(gpu, text, sizeof text);
+    if (instance == 0) format_uuid(gpu, text, sizeof text);
+    else snprintf(text, sizeof text, "MIG-0000fa4e-%04x-4000-8000-%012x", (unsigned int)gpu, instance);
     return copy_string(uuid, length, text);
 }
 
 nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigned int length) {
-    DEVICE_ENTRY(device);
+    ANY_DEVICE_ENTRY(device);
     pthread_mutex_lock(&lock);
     struct gpu_config *g = &cfg.gpu[gpu];
-    char text[96];
-    snprintf(text, sizeof text, "%s", g->name_set ? g->name : g->gpm ? "NVIDIA H100 80GB HBM3" : "NVIDIA A100-SXM4-80GB");
+    const char *model = g->name_set ? g->name : g->gpm ? "NVIDIA H100 80GB HBM3" : "NVIDIA A100-SXM4-80GB";
+    char text[160];
+    if (instance == 0) snprintf(text, sizeof text, "%s", model);
+    else snprintf(text, sizeof text, "%s MIG %s", model, g->mig_profile[instance - 1]);
     pthread_mutex_unlock(&lock);
     return copy_string(name, length, text);
 }
@@ -574,9 +663,57 @@ nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t device, nvmlPciInfo_t *pci) {
     return NVML_SUCCESS;
 }
 
+/* ---- MIG ------------------------------------------------------------------------------------------------ */
+
 nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t device, unsigned int *current, unsigned int *pending) {
     DEVICE_ENTRY(device);
-    *current = *pending = 0;
+    pthread_mutex_lock(&lock);
+    *current = *pending = cfg.gpu[gpu].mig_enabled ? MIG_ENABLE : 0;
+    pthread_mutex_unlock(&lock);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetMaxMigDeviceCount(nvmlDevice_t device, unsigned int *count) {
+    DEVICE_ENTRY(device);
+    pthread_mutex_lock(&lock);
+    *count = cfg.gpu[gpu].mig_enabled ? FAKE_MAX_MIG : 0;
+    pthread_mutex_unlock(&lock);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetMigDeviceHandleByIndex(nvmlDevice_t device, unsigned int index, nvmlDevice_t *mig) {
+    DEVICE_ENTRY(device);
+    pthread_mutex_lock(&lock);
+    const struct gpu_config *g = &cfg.gpu[gpu];
+    nvmlReturn_t r = NVML_SUCCESS;
+    if (!g->mig_enabled || index >= FAKE_MAX_MIG) r = NVML_ERROR_INVALID_ARGUMENT;
+    else if (index >= (unsigned int)g->nmig) r = NVML_ERROR_NOT_FOUND; /* no MIG device at this index */
+    else *mig = &mig_handles[gpu][index];
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+
+nvmlReturn_t nvmlDeviceGetDeviceHandleFromMigDeviceHandle(nvmlDevice_t mig, nvmlDevice_t *device) {
+    MIG_DEVICE_ENTRY(mig);
+    *device = &handles[gpu];
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceIsMigDeviceHandle(nvmlDevice_t device, unsigned int *is_mig) {
+    ANY_DEVICE_ENTRY(device);
+    *is_mig = instance != 0;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetGpuInstanceId(nvmlDevice_t mig, unsigned int *id) {
+    MIG_DEVICE_ENTRY(mig);
+    *id = instance;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetComputeInstanceId(nvmlDevice_t mig, unsigned int *id) {
+    MIG_DEVICE_ENTRY(mig);
+    *id = 0; /* one compute instance per GPU instance in this fake */
     return NVML_SUCCESS;
 }
 
@@ -590,25 +727,25 @@ nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_
     return NVML_SUCCESS;
 }
 
+/* v1 counts reserved memory as used; v2 reports it apart. */
 nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory) {
-    DEVICE_ENTRY(device);
+    ANY_DEVICE_ENTRY(device);
+    unsigned long long reserved, used;
     pthread_mutex_lock(&lock);
-    memory->total = TOTAL_MEMORY;
-    memory->used = RESERVED_MEMORY + used_memory_locked(gpu, elapsed());
-    memory->free = memory->total - memory->used;
+    memory_locked(gpu, instance, elapsed(), &memory->total, &reserved, &used);
     pthread_mutex_unlock(&lock);
+    memory->used = reserved + used;
+    memory->free = memory->total - memory->used;
     return NVML_SUCCESS;
 }
 
 nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *memory) {
-    DEVICE_ENTRY(device);
+    ANY_DEVICE_ENTRY(device);
     if (memory->version != MEMORY_V2_VERSION) return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
     pthread_mutex_lock(&lock);
-    memory->total = TOTAL_MEMORY;
-    memory->reserved = RESERVED_MEMORY;
-    memory->used = used_memory_locked(gpu, elapsed());
-    memory->free = memory->total - memory->reserved - memory->used;
+    memory_locked(gpu, instance, elapsed(), &memory->total, &memory->reserved, &memory->used);
     pthread_mutex_unlock(&lock);
+    memory->free = memory->total - memory->reserved - memory->used;
     return NVML_SUCCESS;
 }
 
@@ -782,15 +919,28 @@ nvmlReturn_t nvmlGpmSampleGet(nvmlDevice_t device, nvmlGpmSample_t sample) {
     pthread_mutex_unlock(&lock);
     if (!gpm) return NVML_ERROR_NOT_SUPPORTED;
     sample->gpu = gpu;
+    sample->instance = 0;
     sample->t = elapsed();
     sample->taken = 1;
     return NVML_SUCCESS;
 }
 
 nvmlReturn_t nvmlGpmMigSampleGet(nvmlDevice_t device, unsigned int gpuInstanceId, nvmlGpmSample_t sample) {
-    (void)gpuInstanceId; (void)sample;
     DEVICE_ENTRY(device);
-    return NVML_ERROR_NOT_SUPPORTED; /* this fake has no MIG instances */
+    if (!sample) return NVML_ERROR_INVALID_ARGUMENT;
+    pthread_mutex_lock(&lock);
+    const struct gpu_config *g = &cfg.gpu[gpu];
+    nvmlReturn_t r = NVML_SUCCESS;
+    if (!g->gpm) r = NVML_ERROR_NOT_SUPPORTED;
+    else if (!g->mig_enabled) r = NVML_ERROR_INVALID_ARGUMENT;
+    else if (gpuInstanceId == 0 || gpuInstanceId > (unsigned int)g->nmig) r = NVML_ERROR_NOT_FOUND;
+    pthread_mutex_unlock(&lock);
+    if (r != NVML_SUCCESS) return r;
+    sample->gpu = gpu;
+    sample->instance = gpuInstanceId;
+    sample->t = elapsed();
+    sample->taken = 1;
+    return NVML_SUCCESS;
 }
 
 nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *request) {
@@ -798,7 +948,8 @@ nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *request) {
     if (r != NVML_SUCCESS) return r;
     if (request->version != GPM_METRICS_GET_VERSION) return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
     nvmlGpmSample_t a = request->sample1, b = request->sample2;
-    if (!a || !b || !a->taken || !b->taken || a->gpu != b->gpu || request->numMetrics > GPM_METRIC_MAX)
+    if (!a || !b || !a->taken || !b->taken || a->gpu != b->gpu || a->instance != b->instance ||
+        request->numMetrics > GPM_METRIC_MAX)
         return NVML_ERROR_INVALID_ARGUMENT;
     pthread_mutex_lock(&lock);
     int gpu = a->gpu;
@@ -808,7 +959,7 @@ nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *request) {
         char name[32];
         snprintf(name, sizeof name, "gpm%u", m->metricId);
         count_call_locked(name);
-        double percent = gpm_metric_percent(m->metricId, (a->t + b->t) / 2, gpu);
+        double percent = gpm_metric_percent(m->metricId, (a->t + b->t) / 2, mig_phase(gpu, a->instance));
         m->nvmlReturn = (percent < 0 || in_list(cfg.gpu[gpu].unsupported, name)) ? NVML_ERROR_NOT_SUPPORTED : NVML_SUCCESS;
         m->value = percent < 0 ? 0 : percent;
         m->metricInfo.shortName = m->metricInfo.longName = "fake";
