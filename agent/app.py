@@ -81,27 +81,41 @@ class Agent:
         from exporters.webconfig import load_web_config
 
         config = self.config
-        metrics = MetricsServer(build_registry(self, config.disabled_collectors), config.web_listen_address,
+        registry = build_registry(self, config.disabled_collectors)
+        metrics = MetricsServer(registry, config.web_listen_address,
                                 telemetry_path=config.web_telemetry_path, ready=self.ready,
                                 web_config=load_web_config(config.web_config_file)).start()
         self._servers.append(metrics)
         self.metrics_port = metrics.port
         self._metrics_scheme = metrics.scheme
         self.intake.start()
+        otlp_web = load_web_config(config.otlp_web_config_file)  # one file for both OTLP receivers
+        auth = otlp_web.auth.check_header if otlp_web.auth else None
         if config.otlp_grpc_listen_address:
             from agent.spans.grpc_server import start_grpc_server
+            from exporters.webconfig import grpc_server_credentials
 
-            grpc_server = start_grpc_server(self.intake, config.otlp_grpc_listen_address)
+            grpc_server = start_grpc_server(self.intake, config.otlp_grpc_listen_address,
+                                            grpc_server_credentials(otlp_web), auth)
             self._servers.append(grpc_server)
             self.otlp_grpc_address = _with_port(config.otlp_grpc_listen_address, grpc_server.port)
         if config.otlp_http_listen_address:
             from agent.spans.http_server import start_http_server
 
-            otlp_web = load_web_config(config.otlp_web_config_file)
-            auth = otlp_web.auth.check_header if otlp_web.auth else None
             http_server = start_http_server(self.intake, config.otlp_http_listen_address, otlp_web.ssl_context, auth)
             self._servers.append(http_server)
             self.otlp_http_address = _with_port(config.otlp_http_listen_address, http_server.port)
+        if config.otlp_metrics_endpoint:
+            self._start_metrics_push(registry)
+
+    def _start_metrics_push(self, registry) -> None:
+        """Push the same registry /metrics serves to an OTLP receiver. Appended last, so stop()
+        shuts it down first, while the sampler still runs, and its final export has data."""
+        from exporters.otlp_push import start_metrics_push
+
+        config = self.config
+        self._servers.append(start_metrics_push(registry, config.otlp_metrics_endpoint, config.otlp_metrics_interval,
+                                                config.otlp_metrics_insecure, config.disabled_collectors))
 
     @property
     def metrics_url(self) -> str:

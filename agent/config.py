@@ -172,6 +172,16 @@ OPTIONS: tuple[Option, ...] = (
            "OTLP/gRPC trace receiver address; empty disables."),
     Option("otlp.http-listen-address", "otlp_http_listen_address", "127.0.0.1:4318", parse_listen_address,
            "OTLP/HTTP trace receiver address (POST /v1/traces); empty disables."),
+    Option("otlp.metrics-endpoint", "otlp_metrics_endpoint", "", parse_str,
+           "Also push the /metrics families (same names and units) to an OTLP receiver such as an OpenTelemetry "
+           "Collector: host:port or http(s)://host:port for OTLP/gRPC, a URL ending in /v1/metrics for OTLP/HTTP. "
+           "Empty: no push."),
+    Option("otlp.metrics-interval", "otlp_metrics_interval", 15.0, parse_duration,
+           "How often metrics are pushed to --otlp.metrics-endpoint (minimum 1s)."),
+    Option("otlp.metrics-insecure", "otlp_metrics_insecure", False, parse_bool,
+           "Push metrics in plaintext: a bare host:port then means no TLS, and http:// may name a host that is "
+           "not loopback (refused otherwise).",
+           is_flag=True),
     Option("otlp.max-request-size", "otlp_max_request_bytes", 4 * 1024 * 1024, parse_size,
            "Largest OTLP request accepted (after decompression)."),
     Option("otlp.queue-size", "otlp_queue_size", 256, parse_int,
@@ -212,6 +222,9 @@ class Config:
     nvml_wait: bool = False
     otlp_grpc_listen_address: str = "127.0.0.1:4317"
     otlp_http_listen_address: str = "127.0.0.1:4318"
+    otlp_metrics_endpoint: str = ""
+    otlp_metrics_interval: float = 15.0
+    otlp_metrics_insecure: bool = False
     otlp_max_request_bytes: int = 4 * 1024 * 1024
     otlp_queue_size: int = 256
     phase_map: tuple[tuple[str, tuple[str, ...]], ...] = ()

@@ -18,7 +18,9 @@ Like exporter-toolkit, unknown keys are errors (a typo must not silently turn se
 Two toolkit client_auth_type values cannot be honoured with Python's ssl module, which always
 verifies a client certificate it asks for: RequestClientCert and RequireAnyClientCert are
 refused with a message naming the verified equivalents. The results (an SSLContext and a
-BasicAuth checker) are independent of any server so the OTLP HTTP receiver can reuse them.
+BasicAuth checker) are independent of any server so the OTLP HTTP receiver can reuse them; the
+OTLP/gRPC receiver, which cannot use an SSLContext, gets its credentials from the same validated
+settings through `grpc_server_credentials`.
 """
 
 from __future__ import annotations
@@ -31,10 +33,13 @@ import re
 import ssl
 import threading
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import bcrypt
 import yaml
+
+if TYPE_CHECKING:
+    import grpc
 
 
 class WebConfigError(ValueError):
@@ -68,12 +73,25 @@ _BCRYPT_HASH = re.compile(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """The validated TLS settings behind `WebConfig.ssl_context`, with absolute PEM file paths,
+    for servers that are not built on Python's ssl module (the OTLP/gRPC receiver)."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str  # "" when client certificates are not verified
+    client_auth_type: str  # one of _CLIENT_AUTH
+    min_version: str  # TLS12 or TLS13
+
+
+@dataclass(frozen=True)
 class WebConfig:
     """What a server applies: TLS (None = plain HTTP), basic auth (None = open), extra headers."""
 
     ssl_context: ssl.SSLContext | None = None
     auth: "BasicAuth | None" = None
     headers: tuple[tuple[str, str], ...] = ()
+    tls_files: TlsFiles | None = None  # set exactly when ssl_context is
 
 
 def load_web_config(path: str) -> WebConfig:
@@ -100,10 +118,12 @@ def parse_web_config(raw: Any, path: str) -> WebConfig:
     tls = _mapping(root.get("tls_server_config"), path, "tls_server_config")
     users = _mapping(root.get("basic_auth_users"), path, "basic_auth_users")
     http = _mapping(root.get("http_server_config"), path, "http_server_config")
+    ssl_context, tls_files = _tls(tls, base_dir, path)
     return WebConfig(
-        ssl_context=_ssl_context(tls, base_dir, path),
+        ssl_context=ssl_context,
         auth=_basic_auth(users, path),
         headers=_headers(http, path),
+        tls_files=tls_files,
     )
 
 
@@ -140,12 +160,12 @@ def _string(section: Mapping[str, Any], key: str, path: str, where: str) -> str:
 # --- TLS ------------------------------------------------------------------------------------------
 
 
-def _ssl_context(tls: Mapping[str, Any], base_dir: str, path: str) -> ssl.SSLContext | None:
+def _tls(tls: Mapping[str, Any], base_dir: str, path: str) -> tuple[ssl.SSLContext | None, TlsFiles | None]:
     where = "tls_server_config."
     _check_keys(tls, _TLS_KEYS, _TLS_KEYS_UNSUPPORTED, path, where)
     values = {key: _string(tls, key, path, where) for key in _TLS_KEYS}
     if not any(values.values()):
-        return None  # an empty tls_server_config means plain HTTP, as in exporter-toolkit
+        return None, None  # an empty tls_server_config means plain HTTP, as in exporter-toolkit
     if not values["cert_file"]:
         raise _fail(path, f"{where}cert_file is missing")
     if not values["key_file"]:
@@ -166,7 +186,14 @@ def _ssl_context(tls: Mapping[str, Any], base_dir: str, path: str) -> ssl.SSLCon
         raise _fail(path, f"cannot load {where}cert_file {values['cert_file']!r} / key_file "
                           f"{values['key_file']!r}: {_describe(err)}") from None
     _client_auth(context, values["client_auth_type"], values["client_ca_file"], resolve, path, where)
-    return context
+    files = TlsFiles(
+        cert_file=resolve(values["cert_file"]),
+        key_file=resolve(values["key_file"]),
+        client_ca_file=resolve(values["client_ca_file"]) if values["client_ca_file"] else "",
+        client_auth_type=values["client_auth_type"] or "NoClientCert",
+        min_version=values["min_version"] or "TLS12",
+    )
+    return context, files
 
 
 def _tls_version(value: str, path: str, key: str) -> ssl.TLSVersion:
@@ -197,6 +224,41 @@ def _client_auth(context: ssl.SSLContext, auth_type: str, ca_file: str, resolve,
         except (OSError, ssl.SSLError) as err:
             raise _fail(path, f"cannot load {where}client_ca_file {ca_file!r}: {_describe(err)}") from None
     context.verify_mode = verify_mode
+
+
+def grpc_server_credentials(web: WebConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials for a gRPC server from the same web config; None means plaintext.
+
+    grpcio has fewer knobs than Python's ssl module, so two settings map as follows:
+    - client_auth_type VerifyClientCertIfGiven: grpcio either requires a verified client
+      certificate or does not ask for one. It does not ask; that admits the same clients (anyone
+      may connect without a certificate under VerifyClientCertIfGiven), it only skips checking
+      certificates that nobody relies on.
+    - min_version TLS13: grpcio cannot refuse TLS 1.2, so the setting is refused here rather than
+      silently weakened. max_version is not enforced either; grpcio negotiates up to TLS 1.3.
+    """
+    files = web.tls_files
+    if files is None:
+        return None
+    if files.min_version != "TLS12":
+        raise WebConfigError(f"tls_server_config.min_version {files.min_version}: the OTLP/gRPC receiver cannot "
+                             "enforce it (grpcio always accepts TLS 1.2); remove it, or turn the gRPC receiver off "
+                             "with --otlp.grpc-listen-address=''")
+    import grpc
+
+    require_client_cert = files.client_auth_type == "RequireAndVerifyClientCert"
+    try:
+        key, chain = _read_bytes(files.key_file), _read_bytes(files.cert_file)
+        client_ca = _read_bytes(files.client_ca_file) if require_client_cert else None
+    except OSError as err:
+        raise WebConfigError(f"cannot read {err.filename}: {err.strerror or err}") from None
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
+                                       require_client_auth=require_client_cert)
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
 def _describe(err: Exception) -> str:

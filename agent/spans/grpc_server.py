@@ -6,6 +6,8 @@ grpc drops undecodable protobuf itself (INTERNAL, before our code runs) and the 
 be counted. Here we parse, and answer INVALID_ARGUMENT + count rejected{reason="malformed"}.
 
 Status codes (OTLP/gRPC spec, "Failures" and "OTLP/gRPC Throttling"):
+ - basic auth configured and the `authorization` metadata wrong or missing → UNAUTHENTICATED
+   (the same check and the same rejected{reason="unauthorized"} count as the HTTP receiver's 401)
  - malformed request      → INVALID_ARGUMENT (not retryable)
  - request over the limit → RESOURCE_EXHAUSTED without RetryInfo (not retryable: the same
    request will never fit)
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -28,6 +31,7 @@ from agent.spans.receiver import (
     MALFORMED,
     RETRY_AFTER_SECONDS,
     TOO_LARGE,
+    UNAUTHORIZED,
     MalformedRequest,
     SpanIntake,
     parse_protobuf,
@@ -54,11 +58,18 @@ class GrpcServerHandle:
         self._server.stop(grace).wait()
 
 
+AuthChecker = Callable[[str | None], bool]  # the `authorization` value -> allowed (webconfig.BasicAuth.check_header)
+
+
 class _ExportHandler:
-    def __init__(self, intake: SpanIntake):
+    def __init__(self, intake: SpanIntake, auth: AuthChecker | None):
         self._intake = intake
+        self._auth = auth
 
     def export(self, body: bytes, context: grpc.ServicerContext) -> bytes:
+        if self._auth is not None and not self._auth(_authorization(context)):
+            self._intake.count_rejected(UNAUTHORIZED)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong basic auth credentials")
         if len(body) > self._intake.max_request_bytes:
             self._intake.count_rejected(TOO_LARGE)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -75,6 +86,14 @@ class _ExportHandler:
         return submission.response().SerializeToString()
 
 
+def _authorization(context: grpc.ServicerContext) -> str | None:
+    """The `authorization` metadata (gRPC lowercases keys), as an HTTP Authorization header."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else None
+    return None
+
+
 def _retry_later_status() -> bytes:
     retry = error_details_pb2.RetryInfo(retry_delay=Duration(seconds=RETRY_AFTER_SECONDS))
     status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message="span intake queue is full, retry later")
@@ -82,15 +101,19 @@ def _retry_later_status() -> bytes:
     return status.SerializeToString()
 
 
-def start_grpc_server(intake: SpanIntake, address: str,
-                      credentials: grpc.ServerCredentials | None = None) -> GrpcServerHandle:
-    """Serve TraceService/Export on address ("host:port"; port 0 picks one, see handle.port)."""
+def start_grpc_server(intake: SpanIntake, address: str, credentials: grpc.ServerCredentials | None = None,
+                      auth: AuthChecker | None = None) -> GrpcServerHandle:
+    """Serve TraceService/Export on address ("host:port"; port 0 picks one, see handle.port).
+
+    credentials: TLS (webconfig.grpc_server_credentials); None serves plaintext.
+    auth: checks each call's `authorization` metadata; None accepts every call.
+    """
     core_limit = intake.max_request_bytes * CORE_LIMIT_FACTOR
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="otlp-grpc"),
         options=[("grpc.max_receive_message_length", core_limit)],
     )
-    handler = _ExportHandler(intake)
+    handler = _ExportHandler(intake, auth)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
         METHOD: grpc.unary_unary_rpc_method_handler(handler.export),  # raw bytes in and out
     }),))
@@ -102,5 +125,6 @@ def start_grpc_server(intake: SpanIntake, address: str,
     if port == 0:
         raise OSError(f"cannot listen for OTLP/gRPC on {address}")
     server.start()
-    log.info("OTLP/gRPC trace receiver listening on %s (port %d)", address, port)
+    log.info("OTLP/gRPC trace receiver listening on %s (port %d%s)", address, port,
+             ", TLS" if credentials is not None else "")
     return GrpcServerHandle(port=port, _server=server)
