@@ -16,14 +16,20 @@ Design points (design.md §5), and why:
 Calls for one GPU must not overlap (the sampler runs one worker per GPU); different GPUs may be
 read from different threads at the same time, which NVML allows.
 
-MIG: per-instance readings (MigReading, nvmlGpmMigSampleGet) are not collected yet; a GPU with MIG
-enabled is reported as a whole and a warning says so at discovery.
+MIG: a GPU with MIG mode on also reports one MigReading per GPU instance: its memory (from a MIG
+device handle of that instance) and its GPM ratios (nvmlGpmMigSampleGet on the parent, two samples
+per instance, like the whole-GPU path). The mode and the instance list are read on the first tick
+after discovery or recovery, then re-read every `mig_refresh_interval` seconds and on the tick after
+any failing MIG call (instances can be created and destroyed while the agent runs), never every tick.
+A GPU whose driver answers NotSupported to the MIG mode query (pre-Ampere, consumer boards) has no
+MIG. Per-process attribution to MIG instances is not done: processes are reported per GPU.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -32,7 +38,7 @@ from typing import Any, Callable
 import pynvml
 
 from agent.backends import BackendUnavailable, GpuLost
-from agent.snapshot import GpuIdentity, GpuReading, ProcessReading
+from agent.snapshot import GpuIdentity, GpuReading, MigReading, ProcessReading
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +113,13 @@ _GPM_METRICS = (
     (pynvml.NVML_GPM_METRIC_FP64_UTIL, "gpu_fp64_active_ratio"),
 )
 
+# What nvmlGpmMigSampleGet supports for one GPU instance, as named in agent/metrics.yaml.
+_MIG_GPM_METRICS = (
+    (pynvml.NVML_GPM_METRIC_SM_UTIL, "gpu_mig_sm_active_ratio"),
+    (pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL, "gpu_mig_tensor_active_ratio"),
+    (pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL, "gpu_mig_dram_active_ratio"),
+)
+
 _CLOCKS = (
     ("graphics", pynvml.NVML_CLOCK_GRAPHICS, "clock:graphics"),
     ("sm", pynvml.NVML_CLOCK_SM, "clock:sm"),
@@ -131,6 +144,9 @@ GPM_MIN_INTERVAL = 0.1  # NVML: two GPM samples must be at least 100 ms apart
 # XID of each kind per GPU is logged at once, later ones as one summary line at most this often.
 # gpu_xid_errors_total counts every one regardless.
 XID_LOG_INTERVAL = 60.0
+# MIG instances are re-listed this often (seconds): reconfiguring MIG is rare, listing costs a few
+# NVML calls per possible instance, and a failing MIG call triggers a re-listing at once anyway.
+MIG_REFRESH_INTERVAL = 30.0
 
 
 def _clamp_ratio(percent: float) -> float:
@@ -151,23 +167,19 @@ def _cuda_version(encoded: int) -> str:
     return f"{encoded // 1000}.{encoded % 1000 // 10}"
 
 
-class _Gpm:
-    """GPM sampling for one GPU: two samples and one metrics request, allocated once, reused every tick."""
+class _GpmRequest:
+    """The ~19 KB nvmlGpmMetricsGet request and the metrics it asks for, allocated once.
 
-    def __init__(self, handle: Any):
-        self._handle = handle
-        self._samples = [pynvml.nvmlGpmSampleAlloc()]
-        try:
-            self._samples.append(pynvml.nvmlGpmSampleAlloc())
-        except pynvml.NVMLError:
-            self.free()
-            raise
+    One request can serve several sample pairs that are never evaluated at the same time: all MIG
+    instances of one GPU share one (calls for one GPU never overlap). A metric the GPU answers
+    NotSupported for is dropped from the request for good.
+    """
+
+    def __init__(self, metrics: tuple[tuple[int, str], ...]):
         self._request = pynvml.c_nvmlGpmMetricsGet_t()
         self._request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
         self._metrics: tuple[tuple[int, str], ...] = ()
-        self._set_metrics(_GPM_METRICS)
-        self._previous_at: float | None = None  # monotonic time of the previous sample
-        self._last: dict[str, float] = {}
+        self._set_metrics(metrics)
 
     def _set_metrics(self, metrics: tuple[tuple[int, str], ...]) -> None:
         self._metrics = metrics
@@ -175,22 +187,8 @@ class _Gpm:
         for slot, (metric_id, _name) in enumerate(metrics):
             self._request.metrics[slot].metricId = metric_id
 
-    def read(self) -> dict[str, float]:
-        """GPM ratios over the interval since the previous call; {} on the first call.
-
-        A call less than 100 ms after the previous one returns the previous figures rather than
-        an NVML error or nothing (the sampler may tick faster under test or after an overrun).
-        """
-        now = time.monotonic()
-        if self._previous_at is not None and now - self._previous_at < GPM_MIN_INTERVAL:
-            return self._last
-        previous, current = self._samples
-        pynvml.nvmlGpmSampleGet(self._handle, current)
-        first = self._previous_at is None
-        self._samples.reverse()
-        self._previous_at = now
-        if first:
-            return {}
+    def evaluate(self, previous: Any, current: Any) -> dict[str, float]:
+        """The ratios over the interval between two samples."""
         self._request.sample1 = previous
         self._request.sample2 = current
         pynvml.nvmlGpmMetricsGet(self._request)
@@ -205,6 +203,49 @@ class _Gpm:
         if dropped:
             log.info("GPM metrics %s are not supported; leaving them out", dropped)
             self._set_metrics(tuple(m for m in self._metrics if m[0] not in dropped))
+        return values
+
+
+class _Gpm:
+    """GPM sampling for one GPU, or for one MIG GPU instance of it (gpu_instance_id): two samples,
+    allocated once and swapped every tick, and a metrics request (shared where given)."""
+
+    def __init__(self, handle: Any, request: _GpmRequest | None = None, gpu_instance_id: int | None = None):
+        self._handle = handle
+        self._gpu_instance_id = gpu_instance_id
+        self._samples = [pynvml.nvmlGpmSampleAlloc()]
+        try:
+            self._samples.append(pynvml.nvmlGpmSampleAlloc())
+        except pynvml.NVMLError:
+            self.free()
+            raise
+        self._request = request if request is not None else _GpmRequest(_GPM_METRICS)
+        self._previous_at: float | None = None  # monotonic time of the previous sample
+        self._last: dict[str, float] = {}
+
+    def _take(self, sample: Any) -> None:
+        if self._gpu_instance_id is None:
+            pynvml.nvmlGpmSampleGet(self._handle, sample)
+        else:
+            pynvml.nvmlGpmMigSampleGet(self._handle, self._gpu_instance_id, sample)
+
+    def read(self) -> dict[str, float]:
+        """GPM ratios over the interval since the previous call; {} on the first call.
+
+        A call less than 100 ms after the previous one returns the previous figures rather than
+        an NVML error or nothing (the sampler may tick faster under test or after an overrun).
+        """
+        now = time.monotonic()
+        if self._previous_at is not None and now - self._previous_at < GPM_MIN_INTERVAL:
+            return self._last
+        previous, current = self._samples
+        self._take(current)
+        first = self._previous_at is None
+        self._samples.reverse()
+        self._previous_at = now
+        if first:
+            return {}
+        values = self._request.evaluate(previous, current)
         self._last = values
         return values
 
@@ -222,12 +263,13 @@ class _Gpu:
     """Handle, probed capabilities and per-tick state of one GPU."""
 
     def __init__(self, index: int, handle: Any, identity: GpuIdentity, gpm: _Gpm | None,
-                 unsupported: set[str] | None = None):
+                 unsupported: set[str] | None = None, mig_refresh_interval: float = MIG_REFRESH_INTERVAL):
         self.index = index
         self.handle = handle
         self.identity = identity
         self.gpm = gpm
         self.unsupported: set[str] = unsupported if unsupported is not None else set()
+        self.mig = _MigInstances(self, mig_refresh_interval)
         self.fields = tuple(f for f in _FIELDS if f"field:{f.field_id}" not in self.unsupported)
         self._field_ids = [(f.field_id, f.scope) for f in self.fields]
         self._process_sm: dict[int, float] = {}
@@ -302,7 +344,7 @@ class _Gpu:
         processes = self._read_processes()
         if processes is not None:
             values["gpu_processes"] = float(len(processes))
-        return GpuReading(values=values, labelled=labelled, processes=processes or ())
+        return GpuReading(values=values, labelled=labelled, processes=processes or (), mig=self.mig.read())
 
     def _read_fields(self, values: dict[str, float], labelled: dict[str, dict[str, float]]) -> None:
         if not self.fields:
@@ -393,6 +435,152 @@ class _Gpu:
         if self.gpm is not None:
             self.gpm.free()
             self.gpm = None
+        self.mig.close()
+
+
+_MIG_PROFILE = re.compile(r" MIG (?:\d+c\.)?(\S+)$")
+
+
+def _mig_profile(device_name: str) -> str:
+    """The GPU instance profile in a MIG device's name: "NVIDIA H100 80GB HBM3 MIG 3g.40gb" -> "3g.40gb".
+
+    A MIG device that is one of several compute instances of a GPU instance is named
+    "... MIG 1c.3g.40gb"; the label is the GPU instance's profile, so the "1c." is dropped.
+    """
+    match = _MIG_PROFILE.search(device_name)
+    return match.group(1) if match else "unknown"
+
+
+@dataclass
+class _MigInstance:
+    """One MIG GPU instance as last listed."""
+
+    gpu_instance_id: int
+    profile: str
+    handle: Any  # a MIG device handle inside this GPU instance: the instance's memory is read on it
+    gpm: _Gpm | None  # samples of the instance, taken on the parent GPU
+
+    def close(self) -> None:
+        if self.gpm is not None:
+            self.gpm.free()
+            self.gpm = None
+
+
+class _MigInstances:
+    """The MIG GPU instances of one GPU and their per-tick readings.
+
+    Errors go through the GPU's own rules (`_Gpu.fail`): lost -> GpuLost, NotSupported & co. ->
+    that MIG query is never asked again. Any other failure (typically: an instance was destroyed
+    since it was listed, so its handle or id is stale) makes the next tick re-list the instances.
+    """
+
+    def __init__(self, gpu: _Gpu, refresh_interval: float):
+        self._gpu = gpu
+        self._refresh_interval = refresh_interval
+        self._refresh_at = 0.0  # monotonic time of the next listing; 0 = on the next tick
+        self._instances: dict[int, _MigInstance] = {}  # by GPU instance id
+        self._gpm_request: _GpmRequest | None = None  # shared by the instances' GPM samples
+
+    def read(self) -> tuple[MigReading, ...]:
+        if time.monotonic() >= self._refresh_at:
+            self._refresh()
+        return tuple(self._read_instance(instance) for instance in self._instances.values())
+
+    def close(self) -> None:
+        self._replace({})
+
+    # --- listing --------------------------------------------------------------------------------
+
+    def _call(self, key: str, function: Callable[..., Any], *args: Any) -> Any:
+        """function(*args), or None when unsupported or failed; a failure means re-list next tick."""
+        if key in self._gpu.unsupported:
+            return None
+        try:
+            return function(*args)
+        except pynvml.NVMLError as err:
+            self._gpu.fail(key, err)
+            if err.value not in _CAPABILITY_ERRORS:
+                self._refresh_at = 0.0
+            return None
+
+    def _refresh(self) -> None:
+        self._refresh_at = time.monotonic() + self._refresh_interval
+        mode = self._call("mig_mode", pynvml.nvmlDeviceGetMigMode, self._gpu.handle)
+        if mode is None and "mig_mode" not in self._gpu.unsupported:
+            return  # failed this tick: keep what we have, try again next tick
+        listed = self._list() if mode is not None and mode[0] == pynvml.NVML_DEVICE_MIG_ENABLE else {}
+        if listed is not None:
+            self._replace(listed)
+
+    def _list(self) -> dict[int, tuple[str, Any]] | None:
+        """{GPU instance id: (profile, a MIG device handle)}, or None when listing failed this tick."""
+        handle = self._gpu.handle
+        slots = self._call("mig_devices", pynvml.nvmlDeviceGetMaxMigDeviceCount, handle)
+        if slots is None:
+            return {} if "mig_devices" in self._gpu.unsupported else None
+        found: dict[int, tuple[str, Any]] = {}
+        for slot in range(slots):
+            try:
+                mig_handle = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+                gpu_instance_id = pynvml.nvmlDeviceGetGpuInstanceId(mig_handle)
+                if gpu_instance_id in found:  # another compute instance of a GPU instance already seen
+                    continue
+                name = _text(pynvml.nvmlDeviceGetName(mig_handle))
+            except pynvml.NVMLError as err:
+                if err.value == pynvml.NVML_ERROR_NOT_FOUND:  # no MIG device in this slot
+                    continue
+                self._gpu.fail("mig_devices", err)
+                if err.value in _CAPABILITY_ERRORS:
+                    return {}
+                self._refresh_at = 0.0
+                return None
+            found[gpu_instance_id] = (_mig_profile(name), mig_handle)
+        return found
+
+    def _replace(self, listed: dict[int, tuple[str, Any]]) -> None:
+        """Take a new listing; an instance that is still there keeps its GPM samples (no gap in ratios)."""
+        before = [(i.gpu_instance_id, i.profile) for i in self._instances.values()]
+        old = dict(self._instances)
+        instances: dict[int, _MigInstance] = {}
+        for gpu_instance_id, (profile, mig_handle) in sorted(listed.items()):
+            previous = old.pop(gpu_instance_id, None)
+            if previous is not None and previous.profile == profile:
+                gpm = previous.gpm
+            else:
+                if previous is not None:
+                    previous.close()
+                gpm = self._open_gpm(gpu_instance_id)
+            instances[gpu_instance_id] = _MigInstance(gpu_instance_id, profile, mig_handle, gpm)
+        for gone in old.values():
+            gone.close()
+        if [(i.gpu_instance_id, i.profile) for i in instances.values()] != before:
+            log.info("GPU %d: MIG GPU instances: %s", self._gpu.index,
+                     ", ".join(f"{i.gpu_instance_id} ({i.profile})" for i in instances.values()) or "none")
+        self._instances = instances
+
+    def _open_gpm(self, gpu_instance_id: int) -> _Gpm | None:
+        if not self._gpu.identity.gpm_supported:
+            return None
+        if self._gpm_request is None:
+            self._gpm_request = _GpmRequest(_MIG_GPM_METRICS)
+        return self._call("mig_gpm", _Gpm, self._gpu.handle, self._gpm_request, gpu_instance_id)
+
+    # --- one tick -------------------------------------------------------------------------------
+
+    def _read_instance(self, instance: _MigInstance) -> MigReading:
+        values: dict[str, float] = {}
+        memory = self._call("mig_memory", pynvml.nvmlDeviceGetMemoryInfo, instance.handle)
+        if memory is not None:
+            values["gpu_mig_memory_total_bytes"] = float(memory.total)
+            values["gpu_mig_memory_used_bytes"] = float(memory.total - memory.free)
+        if instance.gpm is not None:
+            ratios = self._call("mig_gpm", instance.gpm.read)
+            if ratios is not None:
+                values.update(ratios)
+            elif "mig_gpm" in self._gpu.unsupported:
+                for each in self._instances.values():
+                    each.close()
+        return MigReading(instance.gpu_instance_id, instance.profile, values)
 
 
 class _XidWatcher:
@@ -498,8 +686,10 @@ class NvmlBackend:
 
     name = "nvml"
 
-    def __init__(self, config: Any = None, *, event_wait_ms: int = 500):
+    def __init__(self, config: Any = None, *, event_wait_ms: int = 500,
+                 mig_refresh_interval: float = MIG_REFRESH_INTERVAL):
         self._config = config
+        self._mig_refresh_interval = mig_refresh_interval
         self._gpus: dict[int, _Gpu] = {}
         self._event_wait_ms = event_wait_ms
         self._xids = _XidWatcher(event_wait_ms)
@@ -600,7 +790,7 @@ class NvmlBackend:
             old = self._gpus.get(index)
             identity = old.identity if old else GpuIdentity(index=index, uuid=f"unknown-{index}", name="unknown")
             return _Gpu(index, None, identity, None, unsupported)
-        return _Gpu(index, handle, identity, gpm, unsupported)
+        return _Gpu(index, handle, identity, gpm, unsupported, self._mig_refresh_interval)
 
     def _identify(self, index: int, handle: Any) -> tuple[GpuIdentity, _Gpm | None]:
         driver_version, cuda_version = self._system
@@ -616,10 +806,6 @@ class NvmlBackend:
             serial=self._optional(lambda: _text(pynvml.nvmlDeviceGetSerial(handle))),
             gpm_supported=gpm is not None,
         )
-        mig = self._optional(lambda: pynvml.nvmlDeviceGetMigMode(handle)[0], default=0)
-        if mig == pynvml.NVML_DEVICE_MIG_ENABLE:
-            log.warning("GPU %d has MIG enabled: per-instance metrics are not collected yet; "
-                        "the GPU is reported as a whole", index)
         return identity, gpm
 
     def _open_gpm(self, index: int, handle: Any) -> _Gpm | None:
