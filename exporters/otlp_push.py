@@ -194,9 +194,7 @@ class MetricsPush:
 
     def __init__(self, registry: CollectorRegistry, exporter: MetricExporter, interval: float,
                  disabled_collectors: Iterable[str] = (), resource: Resource | None = None):
-        if interval < MIN_INTERVAL_SECONDS:
-            raise PushConfigError(f"--otlp.metrics-interval must be at least {MIN_INTERVAL_SECONDS:g}s, "
-                                  f"got {interval:g}s")
+        check_interval(interval)
         self.cache = RegistryCache(registry, max_age=interval / 2)
         reader = PeriodicExportingMetricReader(exporter, export_interval_millis=interval * 1000)
         self._provider = MeterProvider(metric_readers=[reader], resource=resource or agent_resource())
@@ -208,6 +206,11 @@ class MetricsPush:
 
     def shutdown(self) -> None:
         self._provider.shutdown(timeout_millis=SHUTDOWN_TIMEOUT_MILLIS)
+
+
+def check_interval(interval: float) -> None:
+    if interval < MIN_INTERVAL_SECONDS:
+        raise PushConfigError(f"--otlp.metrics-interval must be at least {MIN_INTERVAL_SECONDS:g}s, got {interval:g}s")
 
 
 def _create_instrument(meter, definition: MetricDef, cache: RegistryCache) -> None:
@@ -242,6 +245,7 @@ def start_metrics_push(registry: CollectorRegistry, endpoint: str, interval: flo
                        disabled_collectors: Iterable[str] = ()) -> MetricsPush:
     """Push `registry`'s metrics to `endpoint` every `interval` seconds. Raises PushConfigError."""
     target = push_target(endpoint, allow_plaintext)
+    check_interval(interval)  # before the exporter opens a channel
     push = MetricsPush(registry, create_exporter(target), interval, disabled_collectors)
     log.info("pushing metrics over %s every %gs", target.describe(), interval)
     return push
