@@ -20,7 +20,7 @@ from agent.sampler import Sampler
 from agent.spans.mapping import SpanMapper
 from agent.spans.receiver import SpanIntake
 from agent.spans.windows import PhaseWindow
-from agent.view import SpanStats, View
+from agent.view import SamplerStats, SpanStats, View
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,23 @@ class Agent:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        """Discover GPUs and start every server. Raises BackendUnavailable, ConfigError or OSError."""
+        """Start the servers, then sampling. Raises BackendUnavailable, ConfigError or OSError."""
+        self.start_servers()
+        self.start_sampling()
+
+    def start_servers(self) -> None:
+        """/metrics, the health endpoints and the OTLP receivers. They come first so that
+        /-/healthy answers (and /-/ready says 503) while a late driver is awaited (--nvml.wait)."""
+        self._start_servers()
+        threading.Thread(target=self._notify_when_ready, name="readiness", daemon=True).start()
+
+    def start_sampling(self) -> None:
+        """Discover the GPUs and start the sampler. Raises BackendUnavailable (may be retried)."""
         config = self.config
         if self._backend is None:
             self._backend = create_backend(config)
         resolve = self._process_labeller() if config.collector_enabled("processes") else None
-        self.sampler = Sampler(
+        sampler = Sampler(
             self._backend,
             interval=config.sample_interval,
             timeout=config.sample_timeout,
@@ -54,11 +65,15 @@ class Agent:
             on_sample=[self.accountant.add_sample],
             on_snapshot=[self._on_snapshot],
         )
-        identities = self.sampler.start()
-        log.info("gpuphase %s: %d GPU(s) on backend %s: %s", __version__, len(identities), self._backend.name,
-                 ", ".join(f"{i.index}={i.name}" for i in identities) or "none")
-        self._start_servers()
-        threading.Thread(target=self._notify_when_ready, name="readiness", daemon=True).start()
+        try:
+            identities = sampler.start()
+        except BackendUnavailable:
+            self._backend = None  # a fresh backend on the next attempt
+            raise
+        self.sampler = sampler
+        log.info("gpuphase %s: %d GPU(s) on backend %s: %s; metrics %s; OTLP gRPC %s, HTTP %s", __version__,
+                 len(identities), self._backend.name, ", ".join(f"{i.index}={i.name}" for i in identities) or "none",
+                 self.metrics_url, self.otlp_grpc_address or "off", self.otlp_http_address or "off")
 
     def _process_labeller(self):
         """pid -> name/container/pod from /proc; on Kubernetes, pod names from the kubelet's
@@ -126,7 +141,7 @@ class Agent:
         return f"{scheme}://{host}:{self.metrics_port}{self.config.web_telemetry_path}"
 
     def _notify_when_ready(self) -> None:
-        while not self._stopped.is_set():
+        while not self.wait_stopped(0 if self.sampler else 0.5):
             if self.sampler and self.sampler.wait_ready(0.5):
                 sdnotify.ready("sampling")
                 log.info("ready: first complete sample taken; serving %s", self.metrics_url)
@@ -183,7 +198,7 @@ class Agent:
             phases=self.accountant.series(),
             last_span=self.accountant.last_span(),
             spans=SpanStats(stats.received, rejected, stats.unmatched),
-            sampler=self.sampler.stats() if self.sampler else None,
+            sampler=self.sampler.stats() if self.sampler else SamplerStats(),
         )
 
 
@@ -198,17 +213,19 @@ def run_agent(config: Config) -> int:
 
     setup_logging(config.log_format, config.log_level)
     agent = Agent(config)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.request_stop())
     try:
-        _start_with_wait(agent, config)
+        agent.start_servers()
+        _start_sampling_with_wait(agent, config)
     except BackendUnavailable as err:
         print(f"gpuphase: {err}", file=sys.stderr)
+        agent.stop()
         return 1
     except (OSError, ValueError) as err:  # address in use, bad web config (WebConfigError), ...
         print(f"gpuphase: cannot start: {err}", file=sys.stderr)
         agent.stop()
         return 1
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: agent.request_stop())
     while not agent.wait_stopped(1.0):
         pass
     log.info("stopping")
@@ -216,18 +233,17 @@ def run_agent(config: Config) -> int:
     return 0
 
 
-def _start_with_wait(agent: Agent, config: Config) -> None:
+def _start_sampling_with_wait(agent: Agent, config: Config) -> None:
     """With --nvml.wait, a host whose driver is not loaded yet is retried instead of failing."""
     delay = 1.0
     while True:
         try:
-            agent.start()
+            agent.start_sampling()
             return
         except BackendUnavailable as err:
-            if not config.nvml_wait:
+            if not config.nvml_wait or agent.wait_stopped(0):
                 raise
             log.warning("%s; retrying in %.0fs (--nvml.wait)", err, delay)
             if agent.wait_stopped(delay):
-                raise
+                return  # asked to stop while waiting: a clean exit
             delay = min(delay * 2, 30.0)
-            agent._backend = None  # a fresh backend next time

@@ -54,7 +54,9 @@ def up(gpu: str, value: float):
 def test_lost_gpu_is_down_alone_and_comes_back(fake):
     with nvml_agent(fake) as agent:
         # GPM figures need two samples: wait for the full set before taking the baseline.
-        healthy = wait_for(agent, lambda m: m.samples("gpu_sm_active_ratio", gpu="1"), "GPM series")
+        # Each GPU's first GPM figure can come a tick apart from the other's: wait for both.
+        healthy = wait_for(agent, lambda m: m.samples("gpu_sm_active_ratio", gpu="0")
+                           and m.samples("gpu_sm_active_ratio", gpu="1"), "GPM series on both GPUs")
         series = {gpu: healthy.names_for(gpu=gpu) for gpu in ("0", "1")}
 
         fake.control({"gpu1.lost": 1})

@@ -125,6 +125,6 @@ def start_grpc_server(intake: SpanIntake, address: str, credentials: grpc.Server
     if port == 0:
         raise OSError(f"cannot listen for OTLP/gRPC on {address}")
     server.start()
-    log.info("OTLP/gRPC trace receiver listening on %s (port %d%s)", address, port,
+    log.debug("OTLP/gRPC trace receiver listening on %s (port %d%s)", address, port,
              ", TLS" if credentials is not None else "")
     return GrpcServerHandle(port=port, _server=server)

@@ -283,5 +283,5 @@ def start_http_server(intake: SpanIntake, address: str, ssl_context: ssl.SSLCont
     server = _OtlpHttpServer(_split_address(address), intake, auth_checker, ssl_context)
     thread = threading.Thread(target=server.serve_forever, name="otlp-http", daemon=True)
     thread.start()
-    log.info("OTLP/HTTP trace receiver listening on %s (port %d)", address, server.server_address[1])
+    log.debug("OTLP/HTTP trace receiver listening on %s (port %d)", address, server.server_address[1])
     return HttpServerHandle(port=server.server_address[1], _server=server, _thread=thread)
