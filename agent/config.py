@@ -331,16 +331,25 @@ def build_config(layers: Iterable[Mapping[str, Setting]]) -> Config:
 
 
 def _validate(config: Config, sources: Mapping[str, str]) -> None:
-    def fail(field_name: str, reason: str) -> None:
-        flag = next(o.flag for o in OPTIONS if o.field == field_name)
-        raise ConfigError(f"{sources.get(field_name, 'default')}: {flag}: {reason}")
+    def flag_of(field_name: str) -> str:
+        return next(o.flag for o in OPTIONS if o.field == field_name)
+
+    def fail(field_name: str, reason: str, other: str | None = None) -> None:
+        """Name where the value came from; for a rule between two settings, where the other came from too."""
+        where = sources.get(field_name, "default")
+        if other is not None and where == "default" and other in sources:
+            field_name, other = other, field_name  # blame the one the user actually set
+            where = sources[field_name]
+        detail = f" ({flag_of(other)} is {getattr(config, other)!r}, from {sources.get(other, 'default')})" \
+            if other else ""
+        raise ConfigError(f"{where}: {flag_of(field_name)}: {reason}{detail}")
 
     if config.sample_interval < MIN_SAMPLE_INTERVAL:
         fail("sample_interval", f"must be at least {MIN_SAMPLE_INTERVAL}s (NVML GPM needs >= 100ms between samples)")
     if config.sample_timeout < config.sample_interval:
-        fail("sample_timeout", "must be at least the sample interval")
+        fail("sample_timeout", "sample.timeout must be at least sample.interval", other="sample_interval")
     if config.phase_retention <= config.phase_settle:
-        fail("phase_retention", "must be longer than phase.settle")
+        fail("phase_retention", "phase.retention must be longer than phase.settle", other="phase_settle")
     if config.backend == "sim" and not 1 <= config.sim_gpus <= 64:
         fail("sim_gpus", "must be between 1 and 64")
     if config.otlp_max_request_bytes < 1024:
@@ -349,6 +358,17 @@ def _validate(config: Config, sources: Mapping[str, str]) -> None:
         fail("phase_max_services", "must be at least 1")
     if not config.web_listen_address:
         fail("web_listen_address", "cannot be empty")
+    if config.otlp_metrics_endpoint:
+        from exporters.otlp_push import check_interval, push_target
+
+        try:
+            push_target(config.otlp_metrics_endpoint, config.otlp_metrics_insecure)
+        except ValueError as err:
+            fail("otlp_metrics_endpoint", str(err))
+        try:
+            check_interval(config.otlp_metrics_interval)
+        except ValueError as err:
+            fail("otlp_metrics_interval", str(err))
     from agent.metricdefs import collectors
 
     unknown = sorted(set(config.disabled_collectors) - set(collectors()))

@@ -113,3 +113,18 @@ def test_version_and_help():
                  "--otlp.grpc-listen-address", "--otlp.http-listen-address", "--phase.map", "--log.format",
                  "--no-collector.processes", "GPUPHASE_SAMPLE_INTERVAL"):
         assert flag in help_text
+
+
+def test_rule_between_two_settings_blames_the_one_the_user_set(tmp_path):
+    path = tmp_path / "slow.yaml"
+    path.write_text("backend: sim\nsample.interval: 10s\n")
+    with pytest.raises(ConfigError) as err:
+        config_from_cli({"config_file": str(path)}, environ={})
+    message = str(err.value)
+    assert message.startswith(f"{path}:2: sample.interval:"), message
+    assert "sample.timeout" in message and "default" in message
+
+
+def test_bad_push_endpoint_is_a_config_error():
+    with pytest.raises(ConfigError, match="flag --otlp.metrics-endpoint: otlp.metrics-endpoint"):
+        config_from_cli({"otlp_metrics_endpoint": "ftp://collector"}, environ={})

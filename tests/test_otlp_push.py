@@ -299,5 +299,6 @@ def test_agent_pushes_over_http_to_a_loopback_url_without_the_insecure_flag():
 def test_agent_refuses_to_push_plaintext_off_the_host():
     args = ["--backend", "sim", "--otlp.metrics-endpoint", "http://192.0.2.10:4317"]
     with AgentProcess(args, wait_ready=False) as agent:
-        assert agent.wait_exit(60) == 1
+        assert agent.wait_exit(60) == 2  # a configuration error, caught before anything starts
+        assert "flag --otlp.metrics-endpoint" in agent.stderr_text()
         assert "--otlp.metrics-insecure" in agent.stderr_text()
