@@ -41,8 +41,10 @@ class _Result:
 class _GpuWorker:
     """Reads one GPU whenever the tick asks; recovers a lost GPU with exponential backoff."""
 
-    def __init__(self, backend: Backend, identity: GpuIdentity, clock: Callable[[], float]):
+    def __init__(self, backend: Backend, identity: GpuIdentity, clock: Callable[[], float],
+                 finished: threading.Condition):
         self.identity = identity
+        self._finished = finished  # notified after every attempt, so the tick waits without polling
         self._backend = backend
         self._clock = clock
         self._lock = threading.Lock()
@@ -95,6 +97,8 @@ class _GpuWorker:
             with self._lock:
                 self._result = _Result(reading, self._clock(), error, self._result.seq + 1)
                 self._busy_since = None
+            with self._finished:
+                self._finished.notify_all()
 
     def _attempt(self) -> tuple[GpuReading | None, str]:
         index = self.identity.index
@@ -167,6 +171,7 @@ class Sampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        self._finished = threading.Condition()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, run_loop: bool = True) -> list[GpuIdentity]:
@@ -176,7 +181,7 @@ class Sampler:
         and benchmarks, where time must be under the caller's control).
         """
         identities = self._backend.discover()
-        self._workers = [_GpuWorker(self._backend, identity, self._clock) for identity in identities]
+        self._workers = [_GpuWorker(self._backend, identity, self._clock, self._finished) for identity in identities]
         for worker in self._workers:
             worker.start()
         if run_loop:
@@ -186,6 +191,8 @@ class Sampler:
 
     def stop(self) -> None:
         self._stop.set()
+        with self._finished:
+            self._finished.notify_all()
         for worker in self._workers:
             worker.stop()
         if self._thread:
@@ -228,9 +235,9 @@ class Sampler:
         if len(requested) < len(self._workers):
             self._overruns += 1
         deadline = started + self._interval * 0.8
-        for worker in requested:
-            while worker.busy() and time.monotonic() < deadline and not self._stop.is_set():
-                time.sleep(0.002)
+        with self._finished:
+            self._finished.wait_for(lambda: self._stop.is_set() or not any(w.busy() for w in requested),
+                                    timeout=max(0.0, deadline - time.monotonic()))
         now = self._clock()
         samples = tuple(self._sample_for(worker, now) for worker in self._workers)
         # Complete once every GPU has answered or been given up on: a GPU hung at start-up must
