@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from agent.spans.attributes import InvalidSpan, UnmatchedSpan
+from agent.spans.attributes import InvalidSpan, UnmatchedSpan, read_attributes
 from agent.spans.decoders import generic, sglang, tgi, vllm
 from agent.spans.decoders.common import Decoder, ResourceInfo
 from agent.spans.windows import PhaseWindow
@@ -27,6 +27,9 @@ DECODERS: tuple[tuple[str, Decoder], ...] = (
     (sglang.NAME, sglang.decode),
     (tgi.NAME, tgi.decode),
 )
+
+# Every attribute any decoder reads: a span's attributes are walked once, not once per decoder.
+ALL_KEYS = frozenset().union(generic.KEYS, vllm.KEYS, sglang.KEYS, tgi.KEYS)
 
 INVALID_WINDOW = "invalid_window"
 DECODER_ERROR = "decoder_error"
@@ -66,9 +69,10 @@ def decode_request(request: ExportTraceServiceRequest) -> DecodeOutcome:
 
 
 def _decode_span(resource: ResourceInfo, scope, span, outcome: DecodeOutcome) -> None:
+    found = read_attributes(span.attributes, ALL_KEYS)
     for name, decoder in DECODERS:
         try:
-            windows = decoder(resource, scope, span)
+            windows = decoder(resource, scope, span, found)
         except InvalidSpan as error:
             outcome.reject(INVALID_WINDOW, f"{name}: {error}")
             return

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
@@ -49,7 +49,8 @@ class ResourceInfo:
         return cls(attrs.service_name(found), pid, gpu_ids, invalid_reason)
 
 
-Decoder = Callable[[ResourceInfo, InstrumentationScope, Span], "list[PhaseWindow] | None"]
+# (resource, scope, span, the span's attributes among every decoder's KEYS) -> windows, or None if not its span
+Decoder = Callable[[ResourceInfo, InstrumentationScope, Span, Mapping], "list[PhaseWindow] | None"]
 
 
 def span_seconds(span: Span) -> tuple[float, float]:

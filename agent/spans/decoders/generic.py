@@ -10,6 +10,8 @@ span also looks like one of the known servers'.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
@@ -22,11 +24,11 @@ NAME = "generic"
 PHASE_ATTRIBUTE = "gpuphase.phase"
 TOKENS_ATTRIBUTE = "gpuphase.tokens"
 
-_KEYS = frozenset({PHASE_ATTRIBUTE, TOKENS_ATTRIBUTE, attrs.GPU_IDS_ATTRIBUTE})
+KEYS = frozenset({PHASE_ATTRIBUTE, TOKENS_ATTRIBUTE, attrs.GPU_IDS_ATTRIBUTE})
 
 
-def decode(resource: ResourceInfo, scope: InstrumentationScope, span: Span) -> list[PhaseWindow] | None:
-    found = attrs.read_attributes(span.attributes, _KEYS)
+def decode(resource: ResourceInfo, scope: InstrumentationScope, span: Span,
+           found: Mapping[str, attrs.Value]) -> list[PhaseWindow] | None:
     if PHASE_ATTRIBUTE not in found:
         return None
     phase = found[PHASE_ATTRIBUTE]

@@ -11,6 +11,8 @@ PhaseWindow has no field for them (see docs/spans.md).
 
 from __future__ import annotations
 
+from typing import Mapping
+
 from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
@@ -23,14 +25,14 @@ PHASE_BY_SLICE = {"prefill_forward": PREFILL, "chunked_prefill": PREFILL, "decod
 # SGLang slices carry no token counts today; accept the GenAI convention names if they appear.
 TOKENS_BY_PHASE = {PREFILL: ("gen_ai.usage.input_tokens",), DECODE: ("gen_ai.usage.output_tokens",)}
 
-_KEYS = frozenset({"pid", "tp_rank", "host_id", "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens"})
+KEYS = frozenset({"pid", "tp_rank", "host_id", "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens"})
 
 
-def decode(resource: ResourceInfo, scope: InstrumentationScope, span: Span) -> list[PhaseWindow] | None:
+def decode(resource: ResourceInfo, scope: InstrumentationScope, span: Span,
+           found: Mapping[str, attrs.Value]) -> list[PhaseWindow] | None:
     phase = PHASE_BY_SLICE.get(span.name)
     if phase is None:
         return None
-    found = attrs.read_attributes(span.attributes, _KEYS)
     start, end = span_seconds(span)
     return [make_window(phase, start, end, span=span, resource=resource, decoder=NAME,
                         tokens=attrs.first_count(found, *TOKENS_BY_PHASE[phase]),

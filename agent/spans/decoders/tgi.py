@@ -20,6 +20,8 @@ resource's service.name (default `text-generation-inference.router`) says so.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
@@ -32,14 +34,14 @@ PHASE_BY_NAME = {"prefill": PREFILL, "decode": DECODE}
 CODE_NAMESPACE_PREFIX = "text_generation"
 SERVICE_PREFIX = "text-generation-inference"
 
-_KEYS = frozenset({"code.namespace", "size"})
+KEYS = frozenset({"code.namespace", "size"})
 
 
-def decode(resource: ResourceInfo, scope: InstrumentationScope, span: Span) -> list[PhaseWindow] | None:
+def decode(resource: ResourceInfo, scope: InstrumentationScope, span: Span,
+           found: Mapping[str, attrs.Value]) -> list[PhaseWindow] | None:
     phase = PHASE_BY_NAME.get(span.name)
     if phase is None:
         return None
-    found = attrs.read_attributes(span.attributes, _KEYS)
     namespace = attrs.get_string(found, "code.namespace") or ""
     if not (namespace.startswith(CODE_NAMESPACE_PREFIX) or resource.service.startswith(SERVICE_PREFIX)):
         return None

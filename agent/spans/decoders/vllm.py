@@ -17,6 +17,8 @@ the span by up to CLOCK_SLACK_SECONDS and are clamped into it; more than that is
 
 from __future__ import annotations
 
+from typing import Mapping
+
 from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
@@ -38,12 +40,12 @@ TIME_IN_DECODE = "gen_ai.latency.time_in_model_decode"
 PROMPT_TOKENS = ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens")
 OUTPUT_TOKENS = ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens")
 
-_KEYS = frozenset({TIME_IN_QUEUE, TIME_TO_FIRST_TOKEN, E2E, TIME_IN_PREFILL, TIME_IN_DECODE,
+KEYS = frozenset({TIME_IN_QUEUE, TIME_TO_FIRST_TOKEN, E2E, TIME_IN_PREFILL, TIME_IN_DECODE,
                    *PROMPT_TOKENS, *OUTPUT_TOKENS})
 
 
-def decode(resource: ResourceInfo, scope: InstrumentationScope, span: Span) -> list[PhaseWindow] | None:
-    found = attrs.read_attributes(span.attributes, _KEYS)
+def decode(resource: ResourceInfo, scope: InstrumentationScope, span: Span,
+           found: Mapping[str, attrs.Value]) -> list[PhaseWindow] | None:
     if span.name != SPAN_NAME and TIME_TO_FIRST_TOKEN not in found:
         return None
     start, end = span_seconds(span)
