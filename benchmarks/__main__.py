@@ -12,6 +12,7 @@ from pathlib import Path
 from benchmarks import bounds, footprint, intake, peers, sampling, scrape
 from benchmarks.harness import ROOT, machine
 from benchmarks.report import render_report
+from benchmarks.results import Section
 
 # In report order; each module has run(**kwargs) -> Section and quick_kwargs().
 BENCHMARKS = {"intake": intake, "sampling": sampling, "scrape": scrape, "footprint": footprint,
@@ -26,12 +27,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), help="run only these")
     parser.add_argument("--output", default=str(ROOT / "docs" / "performance.md"), help="Markdown report path")
     parser.add_argument("--json", default="", help="also write the raw results here")
+    parser.add_argument("--reuse", default="",
+                        help="with --only: take the other sections from this earlier --json file (noted in the report)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
+    earlier = {}
+    if args.reuse:
+        earlier = {d["key"]: Section.from_dict(d) for d in json.loads(Path(args.reuse).read_text(encoding="utf-8"))}
     sections = []
     for key, module in BENCHMARKS.items():
         if args.only and key not in args.only:
+            if key in earlier:
+                section = earlier[key]
+                section.notes.append("(Figures of an earlier full run of the same command on the same machine; "
+                                     "the other sections were re-run later.)")
+                sections.append(section)
             continue
         kwargs = module.quick_kwargs() if args.quick else {}
         if key == "footprint" and args.load_minutes is not None:
@@ -44,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks" + (" --quick" if args.quick else "")
     if args.load_minutes is not None:
         command += f" --load-minutes {args.load_minutes:g}"
+    if args.only:
+        command += " --only " + " ".join(args.only) + (" --reuse EARLIER.json" if args.reuse else "")
     report = render_report(machine(), sections, command)
     Path(args.output).write_text(report, encoding="utf-8")
     if args.json:

@@ -47,6 +47,13 @@ class Section:
     notes: list[str] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Section":
+        """A section from an earlier run's JSON (`python -m benchmarks --reuse`)."""
+        figures = [Figure(**{k: v for k, v in f.items() if k != "ratio"}) for f in data["figures"]]
+        return cls(data["key"], data["title"], data["method"], figures, list(data["notes"]),
+                   [Table(**t) for t in data["tables"]])
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "key": self.key, "title": self.title, "method": self.method,

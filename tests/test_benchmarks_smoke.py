@@ -76,6 +76,9 @@ def test_lateness_follows_the_fixed_rate_schedule():
     late, rebased = intake.lateness([10.0, 10.102, 10.2, 10.7, 10.8], 0.1)
     assert [round(x, 3) for x in late] == [0.002, 0.0, 0.4, 0.0]
     assert rebased == 1
+    # A late first observation must not make the punctual ticks look early.
+    late, _ = intake.lateness([10.05, 10.1, 10.2], 0.1)
+    assert [round(x, 3) for x in late] == [0.0, 0.0]
 
 
 def test_percentile_is_nearest_rank():
