@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from itertools import islice
 from typing import Iterable, Mapping
 
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
@@ -55,8 +56,9 @@ Scalar = str | bool | int | float
 Value = Scalar | tuple[Scalar, ...] | _Invalid
 
 
-def _scalar(value: AnyValue) -> Scalar | _Invalid:
-    kind = value.WhichOneof("value")
+def _scalar(value: AnyValue, kind: str | None = None) -> Scalar | _Invalid:
+    if kind is None:
+        kind = value.WhichOneof("value")
     if kind == "string_value":
         text = value.string_value
         return text if len(text) <= MAX_STRING_LENGTH else INVALID
@@ -71,23 +73,23 @@ def _scalar(value: AnyValue) -> Scalar | _Invalid:
 
 def any_value(value: AnyValue) -> Value:
     """Convert one AnyValue; arrays of scalars become tuples, everything else unusable is INVALID."""
-    if value.WhichOneof("value") == "array_value":
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
         items = value.array_value.values
         if len(items) > MAX_ARRAY_ITEMS:
             return INVALID
         converted = tuple(_scalar(item) for item in items)
         return INVALID if any(item is INVALID for item in converted) else converted
-    return _scalar(value)
+    return _scalar(value, kind)
 
 
 def read_attributes(attributes: Iterable[KeyValue], wanted: frozenset[str]) -> dict[str, Value]:
     """The wanted keys among the first MAX_ATTRIBUTES_INSPECTED attributes (first occurrence wins)."""
     found: dict[str, Value] = {}
-    for index, attribute in enumerate(attributes):
-        if index >= MAX_ATTRIBUTES_INSPECTED:
-            break
-        if attribute.key in wanted and attribute.key not in found:
-            found[attribute.key] = any_value(attribute.value)
+    for attribute in islice(attributes, MAX_ATTRIBUTES_INSPECTED):
+        key = attribute.key  # a protobuf field read: once, not twice (this loop runs per attribute per span)
+        if key in wanted and key not in found:
+            found[key] = any_value(attribute.value)
     return found
 
 
