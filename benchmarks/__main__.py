@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and key not in args.only:
             if key in earlier:
                 section = earlier[key]
-                section.notes.append("(Figures of an earlier full run of the same command on the same machine; "
-                                     "the other sections were re-run later.)")
+                section.notes.append("(Kept from an earlier run on the same machine by --reuse; the sections "
+                                     "named after --only in the header were re-run later.)")
                 sections.append(section)
             continue
         kwargs = module.quick_kwargs() if args.quick else {}
