@@ -123,10 +123,11 @@ def parse_phase_map(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """('' means all interfaces) -> (host, port) for socket binding."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    return host, int(port)
+    """"host:port" -> (host, port) for socket binding; an empty host means all interfaces."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdecimal():
+        raise ValueError(f"listen address must be host:port, got {address!r}")
+    return host.strip("[]"), int(port)
 
 
 # --- the option table ------------------------------------------------------------------------------

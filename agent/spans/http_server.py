@@ -28,6 +28,7 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from agent.config import split_address
 from agent.spans.receiver import (
     MALFORMED,
     RETRY_AFTER_SECONDS,
@@ -270,17 +271,10 @@ class HttpServerHandle:
         self._thread.join()
 
 
-def _split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdecimal():
-        raise ValueError(f"listen address must be host:port, got {address!r}")
-    return host.strip("[]"), int(port)
-
-
 def start_http_server(intake: SpanIntake, address: str, ssl_context: ssl.SSLContext | None = None,
                       auth_checker: AuthChecker | None = None) -> HttpServerHandle:
     """Serve POST /v1/traces on address ("host:port"; port 0 picks one, see handle.port)."""
-    server = _OtlpHttpServer(_split_address(address), intake, auth_checker, ssl_context)
+    server = _OtlpHttpServer(split_address(address), intake, auth_checker, ssl_context)
     thread = threading.Thread(target=server.serve_forever, name="otlp-http", daemon=True)
     thread.start()
     log.debug("OTLP/HTTP trace receiver listening on %s (port %d)", address, server.server_address[1])
