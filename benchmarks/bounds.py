@@ -44,7 +44,7 @@ def run(spans: int = 100_000, per_request: int = 1000) -> Section:
     with AgentProcess(*args) as agent:
         agent.wait_ready()
         rss_before = agent.rss_bytes() / MIB
-        sender = _GrpcSender(agent.grpc_address)
+        sender = _GrpcSender(agent.otlp_grpc_address)
         outcomes: dict[str, int] = {}
         try:
             for first in range(0, spans, per_request):

@@ -10,14 +10,13 @@ import datetime
 import http.client
 import os
 import platform
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 import psutil
+
+from tests import agentproc
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
@@ -31,13 +30,6 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))
     return ordered[rank]
-
-
-def free_port() -> int:
-    """A loopback port free right now (the agent's CLI needs fixed ports for its OTLP receivers)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -57,82 +49,36 @@ def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-class AgentProcess:
-    """`gpuphase run` as a child process on free loopback ports (`python -m agent.cli` = the console script)."""
+class AgentProcess(agentproc.AgentProcess):
+    """The end-to-end tests' agent subprocess, with the figures the benchmarks read off it.
+
+    Not ready-waited on entry: callers time `wait_ready()`, which returns seconds since the spawn.
+    """
 
     def __init__(self, *args: str, env: dict[str, str] | None = None):
-        self.metrics_port = free_port()
-        self.grpc_port = free_port()
-        self.http_port = free_port()
-        self.command = [
-            sys.executable, "-m", "agent.cli", "run",
-            "--web.listen-address", f"127.0.0.1:{self.metrics_port}",
-            "--otlp.grpc-listen-address", f"127.0.0.1:{self.grpc_port}",
-            "--otlp.http-listen-address", f"127.0.0.1:{self.http_port}",
-            "--log.level", "warn", *args,
-        ]
+        super().__init__(["--log.level", "warn", *args], env, wait_ready=False)
+        self.started_at = float("nan")
+
+    def start(self) -> None:
         self.started_at = time.perf_counter()
-        self.popen = subprocess.Popen(self.command, cwd=ROOT, env=subprocess_env(env),
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.process = psutil.Process(self.popen.pid)
+        super().start()
 
-    @property
-    def grpc_address(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http_address(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
-
-    def wait_ready(self, timeout: float = 30.0, poll: float = 0.005) -> float:
-        """Seconds from spawning the process until /-/ready answered 200."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"agent exited with {self.popen.returncode}: {self.stderr_text()}")
-            try:
-                status, _ = http_get(self.metrics_port, "/-/ready", timeout=1.0)
-                if status == 200:
-                    return time.perf_counter() - self.started_at
-            except OSError:
-                pass
-            time.sleep(poll)
-        raise TimeoutError(f"agent not ready within {timeout}s: {' '.join(self.command)}")
+    def wait_ready(self, timeout: float = 30.0, interval: float = 0.005) -> float:
+        """Seconds from spawning the process until /-/ready answered 200 (polled every 5 ms)."""
+        super().wait_ready(timeout, interval)
+        return time.perf_counter() - self.started_at
 
     def rss_bytes(self) -> int:
-        return self.process.memory_info().rss
+        return self.process().memory_info().rss
 
     def cpu_seconds(self) -> float:
-        times = self.process.cpu_times()
-        return times.user + times.system
+        return agentproc.cpu_seconds(self.process())
 
     def metrics_text(self) -> str:
-        status, body = http_get(self.metrics_port, "/metrics")
+        status, body = self.get("/metrics")
         if status != 200:
             raise RuntimeError(f"/metrics answered {status}")
-        return body.decode()
-
-    def stderr_text(self) -> str:
-        if self.popen.poll() is None:
-            return ""
-        return (self.popen.stderr.read() if self.popen.stderr else b"").decode(errors="replace")[-2000:]
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        if self.popen.stderr:
-            self.popen.stderr.close()
-
-    def __enter__(self) -> "AgentProcess":
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        self.stop()
+        return body
 
 
 def sim_agent_args(gpus: int = 8, interval: str = "1s", *extra: str) -> list[str]:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.harness import MIB, AgentProcess, CpuMeter, free_port, http_get, subprocess_env
+from benchmarks.harness import MIB, AgentProcess, CpuMeter, http_get, subprocess_env
+from tests.agentproc import free_port
 from benchmarks.results import Figure, Section
 from benchmarks.sampling import fake_control
 from tests.fakenvml import FakeNvml, build_fake_nvml
@@ -54,7 +55,7 @@ def run(seconds: float = 60.0) -> Section:
                                         stderr=subprocess.STDOUT)
                 time.sleep(2)  # its first collection
             try:
-                ours = CpuMeter(agent.process)
+                ours = CpuMeter(agent.process())
                 theirs = CpuMeter(psutil.Process(peer.pid)) if peer and peer.poll() is None else None
                 time.sleep(seconds)
                 our_cpu, our_rss = ours.share(), agent.rss_bytes() / MIB

@@ -144,6 +144,10 @@ class AgentProcess:
         return f"http://{HOST}:{self.otlp_http_port}/v1/traces"
 
     @property
+    def otlp_http_address(self) -> str:
+        return f"{HOST}:{self.otlp_http_port}"
+
+    @property
     def otlp_grpc_address(self) -> str:
         return f"{HOST}:{self.otlp_grpc_port}"
 
@@ -224,8 +228,8 @@ class AgentProcess:
         except OSError:
             return False
 
-    def wait_ready(self, timeout: float = DEFAULT_READY_TIMEOUT) -> None:
-        poll(lambda: self._check_alive() and self.ready(), timeout, message="the agent's /-/ready")
+    def wait_ready(self, timeout: float = DEFAULT_READY_TIMEOUT, interval: float = 0.1) -> None:
+        poll(lambda: self._check_alive() and self.ready(), timeout, interval, message="the agent's /-/ready")
 
     def scrape(self) -> Metrics:
         """GET /metrics, parsed; fails the test (with the agent's stderr) if the agent died."""
