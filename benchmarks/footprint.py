@@ -51,10 +51,10 @@ def soak(minutes: float, spans_per_second: float = LOAD_SPANS_PER_SECOND, sample
         agent.wait_ready()
         sender = None
         if spans_per_second > 0:
-            address = agent.grpc_address if protocol == "grpc" else agent.http_address
+            address = agent.otlp_grpc_address if protocol == "grpc" else agent.otlp_http_address
             sender = SenderProcess("paced", protocol=protocol, address=address, spans_per_second=spans_per_second,
                                    spans_per_request=100, seconds=minutes * 60 + 60).start()
-        meter = CpuMeter(agent.process)
+        meter = CpuMeter(agent.process())
         started = time.monotonic()
         rows = []
         while (elapsed := time.monotonic() - started) < minutes * 60:
@@ -65,8 +65,9 @@ def soak(minutes: float, spans_per_second: float = LOAD_SPANS_PER_SECOND, sample
         if sender:
             sender.stop()
             sent = sender.join(120)
-        received = _received_spans(agent.metrics_text())
-    return {"rows": rows, "cpu_seconds": total_cpu, "sent": sent, "received": received}
+        metrics = agent.metrics_text()
+    return {"rows": rows, "cpu_seconds": total_cpu, "sent": sent, "received": _received_spans(metrics),
+            "metrics": metrics}
 
 
 def _received_spans(text: str) -> float:
