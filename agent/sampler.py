@@ -4,6 +4,9 @@ Why one worker thread per GPU: NVML calls can hang (a GPU falling off the bus, a
 trouble). With a thread per GPU a hung call stalls only that GPU; the tick still publishes on
 time with the other GPUs' fresh readings, and the hung GPU turns `gpu_up 0` once its reading is
 older than `sample.timeout`. ctypes releases the GIL during the NVML call, so a hang costs nothing.
+The workers are started one after another rather than all at once (HANDOFF_WAIT): readers running
+together mostly fight over the GIL, which each ctypes call releases and takes back (measured by
+benchmarks/sampling.py, see docs/performance.md).
 
 Why readings are resolved and published on the tick thread: process-label resolution and the
 subscribers (phase accountant, span mapper) then see one thread only, in tick order.
@@ -26,6 +29,9 @@ log = logging.getLogger(__name__)
 # A lost GPU is retried after 1, 2, 4 ... seconds, at most once a minute.
 BACKOFF_START = 1.0
 BACKOFF_MAX = 60.0
+# The tick starts the GPUs' readings one after another; a reading that takes longer than this
+# (seconds) no longer delays the next GPU's (see Sampler.tick).
+HANDOFF_WAIT = 0.05
 
 
 @dataclass
@@ -231,13 +237,20 @@ class Sampler:
     def tick(self) -> Snapshot:
         """One round: ask every idle worker for a reading, wait for them within the interval, publish."""
         started = time.monotonic()
-        requested = [worker for worker in self._workers if worker.request()]
+        deadline = started + self._interval * 0.8
+        handoff = min(HANDOFF_WAIT, self._interval * 0.8 / max(1, len(self._workers)))
+        requested = []
+        for worker in self._workers:
+            if not worker.request():
+                continue
+            requested.append(worker)
+            # One GPU at a time: eight workers in NVML at once contend for the GIL at every ctypes
+            # call, which cost more CPU than the readings themselves. A GPU slower than the hand-off
+            # wait (a hung one) no longer holds up the next: from then on they overlap.
+            self._wait_for(lambda: not worker.busy(), min(deadline, time.monotonic() + handoff))
         if len(requested) < len(self._workers):
             self._overruns += 1
-        deadline = started + self._interval * 0.8
-        with self._finished:
-            self._finished.wait_for(lambda: self._stop.is_set() or not any(w.busy() for w in requested),
-                                    timeout=max(0.0, deadline - time.monotonic()))
+        self._wait_for(lambda: not any(w.busy() for w in requested), deadline)
         now = self._clock()
         samples = tuple(self._sample_for(worker, now) for worker in self._workers)
         # Complete once every GPU has answered or been given up on: a GPU hung at start-up must
@@ -253,6 +266,12 @@ class Sampler:
             self._ready.set()
         _notify(self._on_snapshot, snapshot)
         return snapshot
+
+    def _wait_for(self, done: Callable[[], bool], deadline: float) -> None:
+        """Until done() (checked whenever a worker finishes), stop(), or the monotonic deadline."""
+        with self._finished:
+            self._finished.wait_for(lambda: self._stop.is_set() or done(),
+                                    timeout=max(0.0, deadline - time.monotonic()))
 
     def _sample_for(self, worker: _GpuWorker, now: float) -> GpuSample:
         index = worker.identity.index
