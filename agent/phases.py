@@ -367,9 +367,10 @@ class _GpuLedger:
 class PhaseAccountant:
     """Cumulative phase totals per (GPU, service, phase), fed by the sampler and the span worker.
 
-    Threads: the sampler calls add_sample()/set_mapping()/advance(), the span worker add_windows(),
-    scrapes series()/last_span()/rejected(). One lock, held for bounded work; series() returns a
-    tuple rebuilt only when totals changed, so a scrape never recomputes history.
+    Threads: the sampler calls add_sample() (which never waits for the lock), the accounting
+    thread set_mapping()/advance(), the span worker add_windows(), scrapes series()/last_span()/
+    rejected(). One lock, held for bounded work; series() returns a tuple rebuilt only when totals
+    changed, so a scrape never recomputes history.
     """
 
     def __init__(self, settle: float, retention: float, max_services: int,
@@ -384,6 +385,7 @@ class PhaseAccountant:
         self._max_windows = max_windows_per_gpu
         self._max_samples = int(retention / _MIN_SAMPLE_INTERVAL) + 2
         self._lock = threading.Lock()
+        self._incoming: deque[tuple[GpuKey, _Reading]] = deque()  # see add_sample()
         self._ledgers: dict[GpuKey, _GpuLedger] = {}
         self._services: set[str] = set()
         self._now = -math.inf
@@ -400,9 +402,15 @@ class PhaseAccountant:
         next good reading's interval then spans the gap (its energy delta covers it exactly)."""
         if not sample.up:
             return
-        key = (sample.identity.index, sample.identity.uuid)
-        with self._lock:
-            self._ledger(key).add_reading(_Reading.of(sample))
+        # Queued without taking the lock: the tick thread calls this and must never wait behind
+        # a long add_windows() or advance(). advance() files the queue first; so does the next
+        # add_sample() when the lock happens to be free, which keeps the queue short.
+        self._incoming.append(((sample.identity.index, sample.identity.uuid), _Reading.of(sample)))
+        if self._lock.acquire(blocking=False):
+            try:
+                self._file_incoming()
+            finally:
+                self._lock.release()
 
     def set_mapping(self, gpu_key: GpuKey, services: Iterable[str]) -> None:
         """The services configured for a GPU (phase.map); its idle time is theirs."""
@@ -432,6 +440,7 @@ class PhaseAccountant:
     def advance(self, now: float) -> None:
         """Finalise everything older than now - settle. A clock that steps back is held, not followed."""
         with self._lock:
+            self._file_incoming()
             self._now = max(self._now, now)
             cutoff = self._now - self._settle
             for ledger in self._ledgers.values():
@@ -462,6 +471,12 @@ class PhaseAccountant:
             return self._clipped
 
     # --- helpers -------------------------------------------------------------------------------
+
+    def _file_incoming(self) -> None:
+        """Readings queued by add_sample() into their ledgers (under the lock)."""
+        while self._incoming:
+            key, reading = self._incoming.popleft()
+            self._ledger(key).add_reading(reading)
 
     def _ledger(self, key: GpuKey) -> _GpuLedger:
         ledger = self._ledgers.get(key)

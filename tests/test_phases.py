@@ -292,3 +292,17 @@ def test_concurrent_producers_keep_time_exact():
     assert sum(s.seconds for s in t.values()) == approx(40.0)
     assert t["prefill"].seconds == pytest.approx(span_count * 0.05, abs=1e-6)
     assert t["prefill"].tokens == span_count
+
+
+def test_add_sample_never_waits_for_the_lock_and_its_readings_still_count():
+    # The tick thread calls add_sample(); a long add_windows()/advance() on another thread holds the
+    # lock. Simulated by holding the lock here: add_sample must return, and advance() files the reading.
+    acc = accountant()
+    acc.set_mapping(KEY0, ["llm"])
+    acc.add_sample(sample(100))
+    with acc._lock:
+        done = threading.Event()
+        threading.Thread(target=lambda: (acc.add_sample(sample(101)), done.set()), daemon=True).start()
+        assert done.wait(5), "add_sample blocked on the accountant's lock"
+    acc.advance(101 + SETTLE)
+    assert sum(s.seconds for s in totals(acc).values()) == approx(1.0)

@@ -165,15 +165,18 @@ class SpanMapper:
         windows that found no GPU counted by reason."""
         mapped: dict[GpuKey, list[PhaseWindow]] = {}
         unmatched: dict[str, int] = {}
+        # The lock only hands over the state: update_gpus() (on the tick thread) must not wait for
+        # a whole batch. A state is replaced, never changed, by update_gpus(); its pid caches are
+        # filled here only, by the one span worker thread.
         with self._lock:
             state = self._state
-            for window in windows:
-                answer = self._gpus_of(state, window)
-                if isinstance(answer, str):
-                    unmatched[answer] = unmatched.get(answer, 0) + 1
-                    continue
-                for key in answer:
-                    mapped.setdefault(key, []).append(window)
+        for window in windows:
+            answer = self._gpus_of(state, window)
+            if isinstance(answer, str):
+                unmatched[answer] = unmatched.get(answer, 0) + 1
+                continue
+            for key in answer:
+                mapped.setdefault(key, []).append(window)
         return mapped, unmatched
 
     # --- the three ways, in order ----------------------------------------------------------------
