@@ -19,6 +19,7 @@ All inputs carry explicit wall-clock times; nothing here reads the clock, so tes
 
 from __future__ import annotations
 
+import heapq
 import math
 import threading
 from collections import Counter, deque
@@ -45,7 +46,7 @@ POWER = "gpu_power_watts"
 INVALID_WINDOW = "invalid_window"  # unknown phase, non-finite times, end before start
 TOO_OLD = "too_old"  # ended before now - retention
 TOO_NEW = "too_new"  # starts after now + retention (sender clock far ahead)
-DUPLICATE = "duplicate"  # same key already held or recently counted on this GPU
+DUPLICATE = "duplicate"  # same key already held on this GPU (once counted, a repeat is too_late)
 TOO_LATE = "too_late"  # lies entirely inside time already finalised on this GPU
 BUFFER_FULL = "buffer_full"  # the GPU already holds max_windows_per_gpu pending windows
 
@@ -180,9 +181,17 @@ class _GpuLedger:
         self.pending_samples: deque[_Reading] = deque()
         self.max_samples = max_samples
         self.finalised_until = -math.inf
-        self.windows: list[HeldWindow] = []
+        # Held windows (HeldWindow or PhaseWindow: both have start, end, phase, service, tokens,
+        # key) in two parts, so that finalising touches only the ones it needs. `windows`: those
+        # that began at or before the finalised boundary, the few that finalising credits or
+        # counts. `upcoming`: the rest, by the second they start in. Most windows are upcoming
+        # (spans arrive when their request ends; time is final phase.settle later), and scanning
+        # all of them on every tick cost most of a core at 2,000 spans/s on eight GPUs.
+        self.windows: list[HeldWindow | PhaseWindow] = []
+        self.upcoming: dict[int, list[HeldWindow | PhaseWindow]] = {}
+        self._upcoming_seconds: list[int] = []  # heap of upcoming's keys
+        self._upcoming_count = 0
         self.pending_keys: set[bytes] = set()
-        self.recent_keys: dict[bytes, float] = {}  # keys of counted windows -> end, oldest first
         self.configured_services: tuple[str, ...] = ()
         # service -> start of its earliest window here: it owns idle time from then on
         self.learned_services: dict[str, float] = {}
@@ -235,27 +244,49 @@ class _GpuLedger:
             del self.pending_samples[0 if self.anchor is not None else 1]
         self.pending_samples.append(reading)
 
-    def offer(self, window: PhaseWindow, service: str) -> HeldWindow | str:
+    def offer(self, window: PhaseWindow, service: str) -> HeldWindow | PhaseWindow | str:
         """Hold a window: the window as held, or the reason it cannot be held.
 
         A window reaching back into finalised time keeps only its open part, with its tokens
         prorated to that part: finalised totals are never rewritten, but a long request whose
         span could only be sent when it ended still counts for the time not yet final.
         """
-        if window.key in self.pending_keys or window.key in self.recent_keys:
+        # Only held windows need their keys: a repeat of a window already counted lies wholly in
+        # finalised time (it was counted because it ended there), so it is refused as too_late.
+        # Remembering counted keys for longer cost ~100 bytes per window and GPU, which under
+        # thousands of spans per second on a TP-8 service came to hundreds of MiB.
+        if window.key in self.pending_keys:
             return DUPLICATE
         if window.start < self.finalised_until and not window.end > self.finalised_until:
             return TOO_LATE
-        if len(self.windows) >= self.max_windows:
+        if len(self.windows) + self._upcoming_count >= self.max_windows:
             return BUFFER_FULL
-        start, tokens = window.start, float(window.tokens)
-        if start < self.finalised_until:
-            start = self.finalised_until
-            tokens *= (window.end - start) / (window.end - window.start)
-        held = HeldWindow(start, window.end, window.phase, service, tokens, window.key)
-        self.windows.append(held)
+        if window.start >= self.finalised_until and service == window.service:
+            # The window itself, shared by every GPU it was placed on (a TP-8 service's windows
+            # go to eight ledgers): a copy per GPU tripled the memory held for phase.settle.
+            held: HeldWindow | PhaseWindow = window
+        else:
+            start, tokens = max(window.start, self.finalised_until), float(window.tokens)
+            if start > window.start:  # clipped: the open part keeps its share of the tokens
+                tokens *= (window.end - start) / (window.end - window.start)
+            held = HeldWindow(start, window.end, window.phase, service, tokens, window.key)
+        second = math.floor(held.start)
+        bucket = self.upcoming.get(second)
+        if bucket is None:
+            bucket = self.upcoming[second] = []
+            heapq.heappush(self._upcoming_seconds, second)
+        bucket.append(held)
+        self._upcoming_count += 1
         self.pending_keys.add(held.key)
         return held
+
+    def _promote(self, until: float) -> None:
+        """Move upcoming windows that start in a second at or before `until` to `windows`."""
+        seconds = self._upcoming_seconds
+        while seconds and seconds[0] <= until:
+            bucket = self.upcoming.pop(heapq.heappop(seconds))
+            self.windows.extend(bucket)
+            self._upcoming_count -= len(bucket)
 
     # --- finalisation --------------------------------------------------------------------------
 
@@ -274,6 +305,7 @@ class _GpuLedger:
                 prev = reading
             self.anchor = prev
             self.finalised_until = max(self.finalised_until, prev.ts)
+            self._promote(self.finalised_until)
             if intervals:
                 changed |= self._credit_intervals(intervals)
         elif not self.pending_samples and (self.anchor is None or self.anchor.ts < now - retention):
@@ -281,8 +313,8 @@ class _GpuLedger:
             # unknown, not idle. Move the boundary on so held windows are counted and freed.
             self.anchor = None
             self.finalised_until = max(self.finalised_until, cutoff)
+            self._promote(self.finalised_until)
         changed |= self._count_finished_windows()
-        self._forget_keys(now - retention)
         return changed
 
     def _credit_intervals(self, intervals: list[tuple[_Reading, _Reading]]) -> bool:
@@ -332,21 +364,11 @@ class _GpuLedger:
         if not finished:
             return False
         self.windows = [w for w in self.windows if w.end > self.finalised_until]
-        for window in sorted(finished, key=lambda w: w.end):  # keeps recent_keys ordered by end
+        for window in finished:
             self.ensure_series(window.service)
             self.totals[(window.service, window.phase)].tokens += window.tokens
             self.pending_keys.discard(window.key)
-            self.recent_keys[window.key] = window.end
         return True
-
-    def _forget_keys(self, older_than: float) -> None:
-        """Drop duplicate-detection keys once a duplicate would be refused as too_old anyway."""
-        keys = self.recent_keys
-        while keys:
-            oldest = next(iter(keys))
-            if keys[oldest] >= older_than and len(keys) <= self.max_windows:
-                break
-            del keys[oldest]
 
     def series(self) -> list[PhaseSeries]:
         index, uuid = self.key

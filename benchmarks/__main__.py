@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short windows (about 3 minutes in all)")
     parser.add_argument("--load-minutes", type=float, default=None,
-                        help="minutes of the memory/CPU soak under 2,000 spans/s (default 10, --quick 1)")
+                        help="minutes of the memory/CPU soak under 2,000 spans/s (default 30, --quick 1)")
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), help="run only these")
     parser.add_argument("--output", default=str(ROOT / "docs" / "performance.md"), help="Markdown report path")
     parser.add_argument("--json", default="", help="also write the raw results here")

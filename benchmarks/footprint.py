@@ -17,13 +17,15 @@ import time
 
 import psutil
 
-from benchmarks.harness import MIB, ROOT, AgentProcess, CpuMeter, sim_agent_args, subprocess_env
+from benchmarks.harness import (MIB, ROOT, AgentProcess, CpuMeter, replica_agent_args, replica_services,
+                                sim_agent_args, subprocess_env)
 from benchmarks.otlp_load import SenderProcess
 from benchmarks.results import Figure, Section, Table
 
 RSS_GOAL_MIB = 80.0
 IDLE_CPU_GOAL = 0.01
 READY_GOAL = 2.0
+GOAL_MINUTES = 10.0  # the memory goal is "after 10 minutes"; the default soak runs 30
 LOAD_SPANS_PER_SECOND = 2000.0
 
 # What the agent imports at run time; the memory baseline imports the same and does nothing.
@@ -44,16 +46,26 @@ def baseline_rss(settle: float = 1.0) -> int:
         child.wait()
 
 
+# How the load's services sit on the 8 GPUs. "replicas": eight TP-1 vLLM replicas, one per GPU,
+# the requests spread over them. "tp8": one service on all eight GPUs, so every window is held by
+# eight GPUs at once; at 2,000 requests/s that outgrows the per-GPU window buffer (see the docs).
+TOPOLOGIES = {
+    "replicas": (replica_agent_args, replica_services),
+    "tp8": (sim_agent_args, lambda: ("vllm",)),
+}
+
+
 def soak(minutes: float, spans_per_second: float = LOAD_SPANS_PER_SECOND, sample_every: float = 10.0,
-         protocol: str = "grpc") -> dict:
+         protocol: str = "grpc", extra_args: tuple[str, ...] = (), topology: str = "replicas") -> dict:
     """Run an 8-GPU sim agent under `spans_per_second` for `minutes`; RSS and CPU every `sample_every` s."""
-    with AgentProcess(*sim_agent_args()) as agent:
+    agent_args, services = TOPOLOGIES[topology]
+    with AgentProcess(*agent_args(), *extra_args) as agent:
         agent.wait_ready()
         sender = None
         if spans_per_second > 0:
             address = agent.otlp_grpc_address if protocol == "grpc" else agent.otlp_http_address
             sender = SenderProcess("paced", protocol=protocol, address=address, spans_per_second=spans_per_second,
-                                   spans_per_request=100, seconds=minutes * 60 + 60).start()
+                                   spans_per_request=100, seconds=minutes * 60 + 60, services=services()).start()
         meter = CpuMeter(agent.process())
         started = time.monotonic()
         rows = []
@@ -92,11 +104,13 @@ def ready_times(repeats: int) -> tuple[list[float], list[float]]:
     return agent_times, import_times
 
 
-def run(load_minutes: float = 10.0, idle_seconds: float = 60.0, ready_repeats: int = 5) -> Section:
+def run(load_minutes: float = 30.0, idle_seconds: float = 60.0, ready_repeats: int = 5) -> Section:
     section = Section(
         "footprint", "Memory, CPU and start-up of `gpuphase run` (8 simulated GPUs, 1 Hz)",
         f"The agent as a subprocess, measured with psutil. Idle: no spans for {idle_seconds:g} s after ready. "
-        f"Load: {LOAD_SPANS_PER_SECOND:,.0f} vLLM spans/s over OTLP/gRPC (100 per request, from a separate process) "
+        f"Load: {LOAD_SPANS_PER_SECOND:,.0f} vLLM spans/s over OTLP/gRPC (100 per request, from a separate process, "
+        "each request from the next of eight TP-1 vLLM replicas, one per GPU: `--phase.map vllm-N=N`; every span "
+        "new, the newest ending as it is sent) "
         f"for {load_minutes:g} min, RSS and CPU sampled every 10 s (the table below is this soak). "
         f"Memory baseline: a sleeping `python -c \"import {BASELINE_IMPORTS}\"`. Start-up: spawn to the first "
         "200 from /-/ready, polled every 5 ms; baseline `python -c \"import agent.cli\"`. Medians.")
@@ -115,15 +129,22 @@ def run(load_minutes: float = 10.0, idle_seconds: float = 60.0, ready_repeats: i
 
     load = soak(load_minutes)
     rows = load["rows"]
-    final_rss, peak_rss = rows[-1][1], max(row[1] for row in rows)
+    peak_rss = max(row[1] for row in rows)
     load_share = statistics.mean(row[2] for row in rows)
-    met = final_rss <= RSS_GOAL_MIB
-    section.figures.append(Figure(f"RSS after {load_minutes:g} min at {LOAD_SPANS_PER_SECOND:,.0f} spans/s",
-                                  final_rss, "MiB", "bare Python with the same imports", base_rss,
-                                  f"≤ {RSS_GOAL_MIB:g} MiB", met, "" if met else (
-                                      "The phase accountant keeps every window for phase.retention (5 min by "
-                                      "default) per mapped GPU; at this rate that is the growth. A shorter "
-                                      "--phase.retention or a compact window store would bound it lower.")))
+    # The goal is stated at 10 minutes; a longer soak also reports where it ended.
+    marks = sorted({min(GOAL_MINUTES, load_minutes), load_minutes})
+    for minutes in marks:
+        rss = next((row[1] for row in rows if row[0] >= minutes * 60), rows[-1][1])
+        met = rss <= RSS_GOAL_MIB
+        section.figures.append(Figure(
+            f"RSS after {minutes:g} min at {LOAD_SPANS_PER_SECOND:,.0f} spans/s", rss, "MiB",
+            "bare Python with the same imports", base_rss, f"≤ {RSS_GOAL_MIB:g} MiB", met, "" if met else (
+                "The phase accountant holds every window until its time is final, phase.settle later (60 s by "
+                "default): here 2,000 spans/s × 2 windows × ~62 s ≈ 250,000 windows at ~300 bytes each (the "
+                "window, its key, its place in the GPU's buffer). Memory is flat once the first windows are "
+                "counted and freed (see the table). A --phase.settle of 15 s holds a quarter as many; meeting "
+                "the goal at 60 s would take a compact store that merges held windows into per-(service, "
+                "phase) time intervals and token sums as they arrive, de-duplicated once per span.")))
     section.figures.append(Figure("peak RSS under load", peak_rss, "MiB"))
     section.figures.append(Figure("CPU share of one core under load", load_share * 100, "%",
                                   "idle CPU share", idle_share * 100))

@@ -81,6 +81,17 @@ class AgentProcess(agentproc.AgentProcess):
         return body
 
 
+def replica_services(gpus: int = 8) -> tuple[str, ...]:
+    """One vLLM replica per GPU (TP-1), the names replica_agent_args maps."""
+    return tuple(f"vllm-{gpu}" for gpu in range(gpus))
+
+
+def replica_agent_args(gpus: int = 8, interval: str = "1s") -> list[str]:
+    """Flags of a simulated agent with one service per GPU (replica_services)."""
+    mapping = [arg for gpu, name in enumerate(replica_services(gpus)) for arg in ("--phase.map", f"{name}={gpu}")]
+    return ["--backend", "sim", "--sim.gpus", str(gpus), "--sample.interval", interval, *mapping]
+
+
 def sim_agent_args(gpus: int = 8, interval: str = "1s", *extra: str) -> list[str]:
     """Flags of a simulated agent whose service "vllm" owns every GPU (so windows are placed)."""
     every = ",".join(str(i) for i in range(gpus))

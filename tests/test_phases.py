@@ -93,10 +93,10 @@ def test_duplicates_count_once_while_held_and_after_counting():
     first = prefill(100.0, 101.0, tokens=5, key=b"trace-span-prefill")
     acc.add_windows(KEY0, [first, first])
     acc.advance(102 + SETTLE)
-    acc.add_windows(KEY0, [first])  # a sender retry after the window was counted
+    acc.add_windows(KEY0, [first])  # a sender retry after the window was counted: its time is final
     t = totals(acc)
     assert t["prefill"].seconds == approx(1.0) and t["prefill"].tokens == 5
-    assert acc.rejected() == {"duplicate": 2}
+    assert acc.rejected() == {"duplicate": 1, "too_late": 1}
 
 
 def test_same_window_on_two_gpus_counts_on_each():

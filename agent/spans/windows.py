@@ -9,7 +9,7 @@ DECODE = "decode"
 WORK_PHASES = (PREFILL, DECODE)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: the accountant holds many for phase.settle
 class PhaseWindow:
     """A stretch of wall-clock time in which one request (or batch) was in prefill or decode.
 
