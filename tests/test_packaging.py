@@ -10,6 +10,7 @@ import re
 import shutil
 import sys
 import subprocess
+import sysconfig
 import uuid
 from pathlib import Path
 
@@ -164,16 +165,19 @@ def test_install_script_into_a_temporary_prefix(tmp_path, source_copy):
         **os.environ,
         "PREFIX": str(tmp_path / "opt"), "SYSTEMD_DIR": str(tmp_path / "systemd"),
         "ETC_DIR": str(tmp_path / "etc"), "GPUPHASE_USER": user,
-        # No network: the venv sees the already-installed dependencies and uses their pip.
-        "VENV_ARGS": "--system-site-packages --without-pip",
+        # No network: the new venv sees the test interpreter's packages (its dependencies, pip,
+        # setuptools and wheel for the offline build) through PYTHONPATH, not through the system
+        # Python's site-packages, which need not have them.
+        "VENV_ARGS": "--without-pip",
         "PIP_ARGS": "--no-deps --no-build-isolation --no-index",
+        "PYTHONPATH": os.pathsep.join(dict.fromkeys(sysconfig.get_path(p) for p in ("purelib", "platlib"))),
     }
     user_flags = [] if create_user else ["--no-user"]
     try:
         out = _run("bash", INSTALL_SH, "--source", source_copy, "--no-systemctl", *user_flags, env=env).stdout
         assert "systemctl not run" in out
         gpuphase = tmp_path / "opt" / "venv" / "bin" / "gpuphase"
-        assert "run" in _run(gpuphase, "--help").stdout
+        assert "run" in _run(gpuphase, "--help", env=env).stdout
         if create_user:
             assert _run("id", "-u", user).returncode == 0
 
