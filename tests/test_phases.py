@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from agent.phases import OTHER_SERVICE, PhaseAccountant, timeline, HeldWindow, Segment
+from agent.phases import OTHER_SERVICE, Interval, PhaseAccountant, Segment, timeline
 from tests.phase_helpers import GPU0, GPU1, KEY0, KEY1, decode, prefill, sample, totals
 
 SETTLE = 15.0
@@ -236,6 +236,36 @@ def test_window_cap_per_gpu_drops_and_counts():
     assert acc.rejected() == {"buffer_full": 2}
 
 
+def test_counted_windows_free_their_places_in_the_buffer():
+    acc = accountant(max_windows_per_gpu=2)
+    feed(acc, [sample(100), sample(101), sample(102)])
+    acc.add_windows(KEY0, [prefill(100.0, 100.5), decode(100.5, 101.0)])
+    acc.advance(101 + SETTLE)  # both ended by 101: counted and forgotten
+    acc.add_windows(KEY0, [prefill(101.0, 101.5, tokens=1), decode(101.5, 102.0, tokens=2)])
+    assert acc.rejected() == {}
+    acc.advance(102 + SETTLE)
+    t = totals(acc)
+    assert (t["prefill"].seconds, t["decode"].seconds) == (approx(1.0), approx(1.0))
+    assert (t["prefill"].tokens, t["decode"].tokens) == (1, 2)
+
+
+def test_a_window_is_counted_when_time_passes_its_end_even_among_others_ending_close_by():
+    # Ends 101.05 and 101.2 fall in one quarter-second bucket; finalising to 101.1 counts only
+    # the first, and each is then recognised for what it is when sent again.
+    acc = accountant()
+    feed(acc, [sample(100), sample(101.1), sample(102)])
+    early = decode(100.0, 101.05, tokens=3, key=b"early")
+    late = decode(100.0, 101.2, tokens=5, key=b"late")
+    acc.add_windows(KEY0, [early, late])
+    acc.advance(101.1 + SETTLE)
+    assert totals(acc)["decode"].tokens == 3
+    acc.add_windows(KEY0, [early, late])
+    assert acc.rejected() == {"too_late": 1, "duplicate": 1}
+    acc.advance(102 + SETTLE)
+    t = totals(acc)
+    assert t["decode"].tokens == 8 and t["decode"].seconds == approx(1.2)
+
+
 def test_gpu_never_sampled_still_counts_tokens_and_frees_its_windows():
     acc = accountant()
     acc.add_windows(KEY0, [decode(100.0, 101.0, tokens=4)])
@@ -247,8 +277,8 @@ def test_gpu_never_sampled_still_counts_tokens_and_frees_its_windows():
 
 
 def test_timeline_merges_equal_neighbours_and_ignores_order():
-    windows = [HeldWindow(1.0, 2.0, "prefill", "s", 0, b"1"), HeldWindow(2.0, 3.0, "prefill", "s", 0, b"2"),
-               HeldWindow(2.5, 4.0, "decode", "s", 0, b"3")]
+    windows = [Interval(1.0, 2.0, "prefill", "s"), Interval(2.0, 3.0, "prefill", "s"),
+               Interval(2.5, 4.0, "decode", "s")]
     expected = [Segment(0.0, 1.0, "idle", ()), Segment(1.0, 2.5, "prefill", ("s",)),
                 Segment(2.5, 3.0, "mixed", ("s",)), Segment(3.0, 4.0, "decode", ("s",)),
                 Segment(4.0, 5.0, "idle", ())]

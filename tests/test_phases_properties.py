@@ -2,7 +2,9 @@
 
 (a) the phase seconds of a mapped GPU sum to the finalised wall time;
 (b) no counter ever goes down, and no series disappears, across successive advance() calls;
-(c) the result does not depend on the order or batching in which windows arrive.
+(c) the result does not depend on the order or batching in which windows arrive;
+(d) the phase seconds equal those of agent/timeline.py's reference sweep over the raw windows,
+    although the accountant keeps only their union per (service, phase).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.phases import PhaseAccountant
+from agent.phases import PhaseAccountant, _Lane
+from agent.timeline import phase_durations
 from agent.view import PhaseSeries
 from tests.phase_helpers import KEY0, decode, prefill, sample
 
@@ -123,6 +126,37 @@ def test_result_does_not_depend_on_arrival_order(times, values, spans, data):
     for key in expected:
         for name in FIELDS:
             assert getattr(got[key], name) == pytest.approx(getattr(expected[key], name), abs=1e-9), (key, name)
+
+
+@PROPERTY_SETTINGS
+@given(times=timestamps, spans=windows(), data=st.data())
+def test_phase_seconds_equal_the_reference_sweep_over_the_raw_windows(times, spans, data):
+    acc = mapped_accountant()
+    for reading in readings(times, [(0.5, 100.0)] * len(times)):
+        acc.add_sample(reading)
+    acc.add_windows(KEY0, data.draw(st.permutations(spans)))
+    acc.advance(100.0)
+    expected = phase_durations([(w.start, w.end, w.phase) for w in spans], times[0], times[-1])
+    got: dict[str, float] = {}
+    for series in acc.series():
+        got[series.phase] = got.get(series.phase, 0.0) + series.seconds
+    for phase, seconds in expected.items():
+        assert got[phase] == pytest.approx(seconds, abs=1e-6), phase
+
+
+@PROPERTY_SETTINGS
+@given(intervals=st.lists(st.tuples(st.integers(0, 100), st.integers(1, 20)), max_size=40))
+def test_a_lane_holds_exactly_the_union_of_its_intervals(intervals):
+    # (The ledger never adds an empty interval: a zero-length window has tokens but no time.)
+    lane = _Lane(0, "s", "decode")
+    covered: set[int] = set()  # unit cells [t, t+1) covered, for a brute-force union
+    for start, length in intervals:
+        lane.add(float(start), float(start + length))
+        covered.update(range(start, start + length))
+    starts, ends = lane.starts, lane.ends
+    assert all(e > s for s, e in zip(starts, ends))
+    assert all(ends[i] < starts[i + 1] for i in range(len(starts) - 1)), "touching intervals must merge"
+    assert {t for s, e in zip(starts, ends) for t in range(int(s), int(e))} == covered
 
 
 def test_fields_compared_are_all_the_totals():
