@@ -152,10 +152,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("web.listen-address", "web_listen_address", ":9842", parse_listen_address,
            "Address for /metrics, /-/healthy and /-/ready (':9842' = all interfaces)."),
     Option("web.config.file", "web_config_file", "", parse_str,
-           "Exporter-toolkit web config (TLS, basic auth) for the metrics and OTLP HTTP endpoints."),
+           "Exporter-toolkit web config (TLS, basic auth) for /metrics, / and the /-/ probes."),
     Option("otlp.web-config.file", "otlp_web_config_file", "", parse_str,
-           "Web config (TLS, basic auth) for the OTLP/HTTP receiver; separate from the metrics one so that "
-           "turning on TLS for scrapes does not break model servers sending plain OTLP."),
+           "The same format for both OTLP receivers (gRPC and HTTP): TLS and basic auth. Separate from the "
+           "metrics one so that turning on TLS for scrapes does not break model servers sending plain OTLP."),
     Option("web.telemetry-path", "web_telemetry_path", "/metrics", parse_str, "Path of the metrics endpoint."),
     Option("backend", "backend", "auto", choice("auto", "nvml", "sim"),
            "Where GPU data comes from. auto = NVML; never falls back to simulated data."),

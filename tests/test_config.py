@@ -128,3 +128,38 @@ def test_rule_between_two_settings_blames_the_one_the_user_set(tmp_path):
 def test_bad_push_endpoint_is_a_config_error():
     with pytest.raises(ConfigError, match="flag --otlp.metrics-endpoint: otlp.metrics-endpoint"):
         config_from_cli({"otlp_metrics_endpoint": "ftp://collector"}, environ={})
+
+
+def _readme_flag_rows() -> list[tuple[list[str], list[str]]]:
+    """(flags, defaults) of each row of README.md's flag table."""
+    from pathlib import Path
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("| `--"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            flags = re.findall(r"`--([^`\s]+)[^`]*`", cells[0])
+            rows.append((flags, re.findall(r"`([^`]*)`", cells[1])))
+    return rows
+
+
+def test_readme_flag_table_names_every_option_with_its_default():
+    from agent.config import OPTIONS, OPTIONS_BY_FLAG
+
+    rows = _readme_flag_rows()
+    documented = {flag for flags, _ in rows for flag in flags}
+    # --collector.disable is spelled --[no-]collector.NAME in the table.
+    assert documented - {"[no-]collector.NAME"} == {o.flag for o in OPTIONS} - {"collector.disable"}
+    for flags, defaults in rows:
+        if flags == ["[no-]collector.NAME"]:
+            continue
+        options = [OPTIONS_BY_FLAG[flag] for flag in flags]
+        if not defaults:  # an empty cell: no default
+            assert all(o.default in ("", (), False) for o in options), flags
+            continue
+        assert len(defaults) == len(options), flags
+        for option, default in zip(options, defaults):
+            value = option.parse(False if default == "off" else default)
+            assert value == option.default, (option.flag, default)
