@@ -199,6 +199,10 @@ class _Lane:
 
     def add(self, start: float, end: float) -> None:
         starts, ends = self.starts, self.ends
+        if starts and starts[-1] <= start <= ends[-1]:  # the usual case: it extends the newest one
+            if end > ends[-1]:
+                ends[-1] = end
+            return
         i = bisect_left(ends, start)  # intervals before i end before `start`
         j = bisect_right(starts, end, i)  # intervals from j on start after `end`
         if i == j:
@@ -247,12 +251,13 @@ class _EndBucket:
     def __len__(self) -> int:
         return len(self.hashes)
 
-    def holds(self, key_hash: int) -> bool:
-        i = bisect_left(self.hashes, key_hash)
-        return i < len(self.hashes) and self.hashes[i] == key_hash
+    def place(self, key_hash: int) -> int:
+        """Where a window with this key hash goes; -1 when the bucket already holds it."""
+        hashes = self.hashes
+        i = bisect_left(hashes, key_hash)
+        return -1 if i < len(hashes) and hashes[i] == key_hash else i
 
-    def add(self, key_hash: int, end: float, tokens: float, lane: int) -> None:
-        i = bisect_left(self.hashes, key_hash)
+    def insert(self, i: int, key_hash: int, end: float, tokens: float, lane: int) -> None:
         self.hashes.insert(i, key_hash)
         self.ends.insert(i, end)
         self.tokens.insert(i, tokens)
@@ -301,9 +306,10 @@ class _GpuLedger:
         Only windows in time not yet finalised are accepted, so `since` can only move within
         open time: which service owns finalised idle time never depends on arrival order.
         """
-        known = service in self.learned_services
-        self.learned_services[service] = min(since, self.learned_services.get(service, math.inf))
-        return not known
+        known = self.learned_services.get(service)
+        if known is None or since < known:
+            self.learned_services[service] = since
+        return known is None
 
     def idle_owners(self, start: float, end: float) -> list[tuple[float, float, tuple[str, ...]]]:
         """Split idle time [start, end] by who owns it: configured services always, learned ones
@@ -348,34 +354,34 @@ class _GpuLedger:
         """
         # Only held windows need their keys: a repeat of a window already counted lies wholly in
         # finalised time (it was counted because it ended there), so it is refused as too_late.
-        key_hash = hash(window.key)
-        bucket_key = math.floor(window.end * _BUCKETS_PER_SECOND)
+        key_hash, start, end = hash(window.key), window.start, window.end
+        bucket_key = math.floor(end * _BUCKETS_PER_SECOND)
         bucket = self._buckets.get(bucket_key)
-        if bucket is not None and bucket.holds(key_hash):
+        place = 0 if bucket is None else bucket.place(key_hash)
+        if place < 0:
             return DUPLICATE
-        if window.start < self.finalised_until and not window.end > self.finalised_until:
+        final = self.finalised_until
+        if start < final and not end > final:
             return TOO_LATE
         if self.held >= self.max_windows:
             return BUFFER_FULL
-        start, tokens = window.start, float(window.tokens)
-        if start < self.finalised_until:  # clipped: the open part keeps its share of the tokens
-            start = self.finalised_until
-            tokens *= (window.end - start) / (window.end - window.start)
-        lane = self._lane(service, window.phase)
-        if window.end > start:
-            lane.add(start, window.end)
+        tokens = float(window.tokens)
+        if start < final:  # clipped: the open part keeps its share of the tokens
+            tokens *= (end - final) / (end - start)
+            start = final
+        lane = self.lanes.get((service, window.phase)) or self._new_lane(service, window.phase)
+        if end > start:
+            lane.add(start, end)
         if bucket is None:
             bucket = self._buckets[bucket_key] = _EndBucket()
             heapq.heappush(self._bucket_heap, bucket_key)
-        bucket.add(key_hash, window.end, tokens, lane.index)
+        bucket.insert(place, key_hash, end, tokens, lane.index)
         self.held += 1
         return start
 
-    def _lane(self, service: str, phase: str) -> _Lane:
-        lane = self.lanes.get((service, phase))
-        if lane is None:
-            lane = self.lanes[(service, phase)] = _Lane(len(self._lane_list), service, phase)
-            self._lane_list.append(lane)
+    def _new_lane(self, service: str, phase: str) -> _Lane:
+        lane = self.lanes[(service, phase)] = _Lane(len(self._lane_list), service, phase)
+        self._lane_list.append(lane)
         return lane
 
     # --- finalisation --------------------------------------------------------------------------
