@@ -31,6 +31,7 @@ from prometheus_client.exposition import choose_encoder
 
 from agent import __version__
 from agent.config import split_address
+from exporters.registry import AgentRegistry
 from exporters.webconfig import BasicAuth, WebConfig
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,15 @@ class MetricsServer:
         self.shutdown()
 
 
+def encode(registry: CollectorRegistry, accept_header: str) -> tuple[bytes, str]:
+    """(body, content type) for one scrape: the agent's registry writes itself (exporters.exposition),
+    any other registry (the benchmarks' baseline) is written by prometheus_client."""
+    if isinstance(registry, AgentRegistry):
+        return registry.exposition(accept_header)
+    encoder, content_type = choose_encoder(accept_header)
+    return encoder(registry), content_type
+
+
 def _handler_for(app: MetricsServer) -> type[BaseHTTPRequestHandler]:
     class Handler(_ExporterHandler):
         server_app = app
@@ -242,9 +252,8 @@ class _ExporterHandler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.NOT_FOUND, b"Not Found\n")
 
     def _metrics(self) -> None:
-        encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
         try:
-            body = encoder(self.server_app.registry)
+            body, content_type = encode(self.server_app.registry, self.headers.get("Accept", ""))
         except Exception:  # noqa: BLE001 - AgentCollector isolates collectors; this is the last resort
             log.exception("rendering %s failed", self.server_app.telemetry_path)
             self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"Internal Server Error\n")

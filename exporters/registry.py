@@ -5,6 +5,14 @@ each collector's output is materialised and checked inside a try/except, and the
 reports gpu_scrape_collector_success / gpu_scrape_collector_duration_seconds per collector.
 A collector that raises (or yields something that could not be written out) contributes
 nothing but success 0; the rest of the scrape renders, and the HTTP response is never a 500.
+
+"Could be written out" is settled when a sample is added: Family.add converts every label value
+to str and every value to float, inside the collector, so a family holds nothing the exposition
+writer can fail on, and the check here is only that the collector yielded Families.
+
+AgentRegistry writes /metrics with exporters.exposition (a text writer that reuses each series'
+formatted labels from the previous scrape); it is still a prometheus_client CollectorRegistry, so
+the OTLP push and the name escapings the writer does not do read it through prometheus_client.
 """
 
 from __future__ import annotations
@@ -16,10 +24,10 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
-from prometheus_client.exposition import generate_latest
-from prometheus_client.openmetrics.exposition import generate_latest as generate_latest_openmetrics
+from prometheus_client.exposition import choose_encoder
 
 from agent.view import View, ViewSource
+from exporters import exposition
 from exporters.collectors import COLLECTORS, CollectFn
 from exporters.collectors._families import Family
 
@@ -76,45 +84,69 @@ class AgentCollector:
         self._error_log = error_log or RateLimitedLog()
         self._timer = timer  # golden-file tests pass a constant one so durations are reproducible
 
-    def collect(self) -> Iterator[Metric]:
+    def families(self) -> list[Family]:
+        """One scrape's families: every enabled collector's, then success and duration per collector."""
         view = self._source.view()
         success = Family("gpu_scrape_collector_success")
         duration = Family("gpu_scrape_collector_duration_seconds")
+        out: list[Family] = []
         for name, collect in self._collectors.items():
             started = self._timer()
             try:
-                metrics = [_checked(metric) for metric in collect(view)]
+                families = [_checked(family) for family in collect(view)]
                 ok = True
             except Exception:  # noqa: BLE001 - isolation is the point: any bug stays in its collector
-                metrics = []
+                families = []
                 ok = False
                 self._error_log.exception(name, f"collector {name!r} failed; its metrics are left out of this scrape")
             duration.add((name,), self._timer() - started)
             success.add((name,), 1 if ok else 0)
-            yield from metrics
-        yield success.metric
-        yield duration.metric
+            out += families
+        out += (success, duration)
+        return out
+
+    def collect(self) -> Iterator[Metric]:
+        """prometheus_client's Collector protocol: the same families as prometheus_client Metrics."""
+        return (family.metric() for family in self.families())
 
 
-def _checked(metric: Metric) -> Metric:
+def _checked(family: Family) -> Family:
     """Raise here, inside the collector's try, for anything the exposition writer would choke on."""
-    if not isinstance(metric, Metric):
-        raise TypeError(f"collector yielded {type(metric).__name__}, not a prometheus_client Metric")
-    for sample in metric.samples:
-        if not isinstance(sample.value, (int, float)) or isinstance(sample.value, bool):
-            raise TypeError(f"{sample.name}: value {sample.value!r} is not a number")
-        if not all(isinstance(v, str) for v in sample.labels.values()):
-            raise TypeError(f"{sample.name}: label values {sample.labels!r} are not all strings")
-    return metric
+    if not isinstance(family, Family):
+        raise TypeError(f"collector yielded {type(family).__name__}, not a Family")
+    return family
+
+
+class AgentRegistry(CollectorRegistry):
+    """A private registry (no process/platform default collectors) holding one AgentCollector."""
+
+    def __init__(self, collector: AgentCollector):
+        super().__init__(auto_describe=False)
+        self.register(collector)
+        self._collector = collector
+        self.writer = exposition.ExpositionWriter()
+
+    def write(self, form: str = exposition.TEXT) -> bytes:
+        """One scrape as exposition.TEXT (Prometheus text 0.0.4) or exposition.OPENMETRICS."""
+        return self.writer.write(self._collector.families(), form)
+
+    def exposition(self, accept_header: str) -> tuple[bytes, str]:
+        """(body, content type) of one scrape in the format the scraper's Accept header asks for.
+
+        The format and content type are the ones prometheus_client's choose_encoder picks; only
+        name escapings that would rewrite plain names (dots, values) are left to its writer.
+        """
+        encoder, content_type = choose_encoder(accept_header)
+        form = exposition.dialect(content_type)
+        if form is None:
+            return encoder(self), content_type
+        return self.write(form), content_type
 
 
 def build_registry(
     source: ViewSource, disabled: Iterable[str] = (), timer: Callable[[], float] = time.perf_counter
-) -> CollectorRegistry:
-    """A private registry (no process/platform default collectors) holding one AgentCollector."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(AgentCollector(source, disabled, timer=timer))
-    return registry
+) -> AgentRegistry:
+    return AgentRegistry(AgentCollector(source, disabled, timer=timer))
 
 
 class StaticViewSource:
@@ -137,6 +169,5 @@ def render(
 
     Golden-file tests pass `timer=lambda: 0.0` so every collector duration renders as 0.
     """
-    registry = build_registry(StaticViewSource(view), disabled, timer)
-    generate = generate_latest_openmetrics if openmetrics else generate_latest
-    return generate(registry).decode("utf-8")
+    form = exposition.OPENMETRICS if openmetrics else exposition.TEXT
+    return build_registry(StaticViewSource(view), disabled, timer).write(form).decode("utf-8")

@@ -13,6 +13,7 @@ from agent import __version__, metricdefs
 from agent.metricdefs import MetricDef
 from exporters import collectors
 from exporters.collectors import COLLECTORS
+from exporters.collectors._families import Family
 from exporters.registry import AgentCollector, RateLimitedLog, StaticViewSource, render
 from tests import views
 from tests.views import A100, H100, LOST, NEVER_SEEN, NOW, rich_view
@@ -192,21 +193,40 @@ def test_a_raising_collector_reports_failure_and_the_rest_still_render(monkeypat
     assert "collector 'gpm' failed" in caplog.text and "boom" in caplog.text
 
 
-@pytest.mark.parametrize("bad_value", ["412 W", None, object()])
-def test_a_collector_yielding_unrenderable_values_is_isolated(monkeypatch, bad_value):
-    """A value the exposition writer would choke on must fail the collector, not the whole scrape."""
+def power_family_with(value):
+    family = Family("gpu_power_watts")
+    family.add((0, "x"), value)
+    return family
+
+
+def prometheus_client_family():
     from prometheus_client.core import GaugeMetricFamily
 
+    family = GaugeMetricFamily("gpu_power_watts", "help", labels=["gpu", "uuid"])
+    family.add_metric(["0", "x"], 412.0)
+    return family
+
+
+@pytest.mark.parametrize("bad_output", [
+    lambda: power_family_with("412 W"),
+    lambda: power_family_with(None),
+    lambda: power_family_with(object()),
+    prometheus_client_family,  # the writer writes Families only
+    lambda: None,
+], ids=["str-value", "None-value", "object-value", "prometheus_client-metric", "None"])
+def test_a_collector_yielding_unrenderable_values_is_isolated(monkeypatch, bad_output):
+    """A value the exposition writer would choke on must fail the collector, not the whole scrape."""
+
     def sloppy(view):
-        family = GaugeMetricFamily("gpu_power_watts", "help", labels=["gpu", "uuid"])
-        family.add_metric(["0", "x"], bad_value)
-        yield family
+        yield from collectors.power.collect(view)
+        yield bad_output()
 
     monkeypatch.setitem(COLLECTORS, "power", sloppy)
-    text = render(rich_view())
-    assert value(text, "gpu_scrape_collector_success", collector="power") == 0
-    assert value(text, "gpu_scrape_collector_success", collector="device") == 1
-    assert series(text, "gpu_power_watts") == {}
+    for openmetrics in (False, True):
+        text = render(rich_view(), openmetrics=openmetrics)
+        assert value(text, "gpu_scrape_collector_success", collector="power") == 0
+        assert value(text, "gpu_scrape_collector_success", collector="device") == 1
+        assert "gpu_power_watts" not in text
 
 
 def test_disabled_collectors_are_not_run_or_reported(rich):

@@ -3,6 +3,9 @@
 The whole pipeline runs — backend, sampler, process resolution, phase accountant, collectors —
 under a hand-driven clock, so the output is reproducible byte for byte. When an output change is
 intended, regenerate with `UPDATE_GOLDEN=1 pytest tests/test_golden.py` and review the diff.
+
+/metrics is written by exporters.exposition; each scenario is also rendered by prometheus_client's
+generate_latest, which must write the same bytes (tests/test_exposition.py does so on random families).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from prometheus_client.exposition import generate_latest
 
 from agent.backends.sim import PHASE_ACTIVITY, SimBackend
 from agent.phases import PhaseAccountant
@@ -20,7 +24,7 @@ from agent.sampler import Sampler
 from agent.snapshot import ProcessReading, ProcessSample
 from agent.spans.windows import DECODE, PREFILL, PhaseWindow
 from agent.view import SamplerStats, SpanStats, View
-from exporters.registry import render
+from exporters.registry import StaticViewSource, build_registry, render
 from tests.conftest import require_tool
 
 GOLDEN = Path(__file__).with_name("golden")
@@ -42,7 +46,7 @@ def fake_resolver(identity, readings):
                                sm_active_ratio=r.sm_active_ratio) for r in readings)
 
 
-def run_pipeline(backend, clock: ManualClock, ticks: int, windows=(), before_tick=None) -> str:
+def run_pipeline(backend, clock: ManualClock, ticks: int, windows=(), before_tick=None) -> View:
     accountant = PhaseAccountant(settle=2.0, retention=60.0, max_services=8)
     sampler = Sampler(backend, interval=1.0, timeout=5.0, resolve_processes=fake_resolver,
                       on_sample=[accountant.add_sample], clock=clock)
@@ -64,7 +68,10 @@ def run_pipeline(backend, clock: ManualClock, ticks: int, windows=(), before_tic
     finally:
         sampler.stop()
         backend.close()
-    text = render(view, timer=lambda: 0.0)
+    return view
+
+
+def reproducible(text: str) -> str:
     return re.sub(r'python_version="[^"]*"', 'python_version="X"', text)
 
 
@@ -77,7 +84,7 @@ def vllm_windows():
             window(PREFILL, 3, 3.5, 2, 1024), window(DECODE, 3.5, 4.5, 2, 25))
 
 
-def sim_scenario(profile: str) -> str:
+def sim_scenario(profile: str) -> View:
     clock = ManualClock(START)
     backend = SimBackend(2, profile, seed=7, clock=clock)
     backend.set_processes(0, (ProcessReading(pid=4242, memory_used_bytes=70 * 2**30),))
@@ -90,7 +97,7 @@ def sim_scenario(profile: str) -> str:
     return run_pipeline(backend, clock, ticks=9, windows=vllm_windows(), before_tick=follow_windows)
 
 
-def fake_nvml_scenario(fake_nvml_library, tmp_path) -> str:
+def fake_nvml_scenario(fake_nvml_library, tmp_path) -> View:
     from agent.backends.nvml import NvmlBackend
     from agent.config import Config
     from tests.fakenvml import FakeNvml
@@ -122,13 +129,16 @@ def _xids_seen(backend) -> bool:
 @pytest.mark.parametrize("scenario", ["sim-h100", "sim-a100", "fake-nvml"])
 def test_golden_metrics(scenario, request, tmp_path):
     if scenario == "fake-nvml":
-        text = fake_nvml_scenario(request.getfixturevalue("fake_nvml_library"), tmp_path)
+        view = fake_nvml_scenario(request.getfixturevalue("fake_nvml_library"), tmp_path)
     else:
-        text = sim_scenario({"sim-h100": "h100-sxm-80gb", "sim-a100": "a100-sxm-80gb"}[scenario])
+        view = sim_scenario({"sim-h100": "h100-sxm-80gb", "sim-a100": "a100-sxm-80gb"}[scenario])
+    text = reproducible(render(view, timer=lambda: 0.0))
     path = GOLDEN / f"{scenario}.prom"
     if os.environ.get("UPDATE_GOLDEN"):
         path.write_text(text)
     assert text == path.read_text(), f"{path} differs; UPDATE_GOLDEN=1 regenerates it (review the diff)"
+    by_prometheus_client = generate_latest(build_registry(StaticViewSource(view), timer=lambda: 0.0)).decode()
+    assert reproducible(by_prometheus_client) == text
 
 
 @pytest.mark.parametrize("name", ["sim-h100.prom", "sim-a100.prom", "fake-nvml.prom"])

@@ -1,6 +1,6 @@
 """The collectors, one module per collector name of agent/metrics.yaml.
 
-Each module exposes `collect(view) -> Iterable[Metric]`: a pure function of one View, with no
+Each module exposes `collect(view) -> Iterable[Family]`: a pure function of one View, with no
 state, no threads and no NVML, so a scrape only formats what the sampler already read.
 COLLECTORS maps every collector name to its function in metrics.yaml order; a name without a
 module fails at import rather than silently exporting nothing.
@@ -11,12 +11,11 @@ from __future__ import annotations
 import importlib
 from typing import Callable, Iterable, Mapping
 
-from prometheus_client.core import Metric
-
 from agent import metricdefs
 from agent.view import View
+from exporters.collectors._families import Family
 
-CollectFn = Callable[[View], Iterable[Metric]]
+CollectFn = Callable[[View], Iterable[Family]]
 
 
 def _load() -> dict[str, CollectFn]:

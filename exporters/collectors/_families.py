@@ -3,61 +3,84 @@
 Names, types, units, help texts and label sets live only in metrics.yaml; a collector asks for
 a family by metric name and fills in samples. Label values and sample values are converted
 here (str / float) so a malformed reading fails inside the collector that produced it, where
-the registry isolates it, instead of later while the exposition text is being written.
+the registry isolates it, instead of later while the exposition text is being written: a Family
+holds nothing exporters.exposition cannot write.
+
+A Family keeps its samples as label values and values, which is all the exposition writer
+needs; `metric()` turns it into a prometheus_client family for the paths that read the registry
+through prometheus_client (the OTLP push, name escapings the writer leaves to prometheus_client).
 """
 
 from __future__ import annotations
 
 from typing import Iterable, Iterator, Mapping, Sequence
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 
 from agent import metricdefs
 from agent.metricdefs import MetricDef
 from agent.snapshot import GpuSample
 from agent.view import View
+from exporters.exposition import SeriesHead, prometheus_metric, series_head
 
 GPU_LABELS = ("gpu", "uuid")
 
 
 class Family:
-    """One metric family under construction; `add` takes label values in metrics.yaml order."""
+    """One metric family under construction; `add` takes label values in metrics.yaml order.
 
-    def __init__(self, name: str):
-        self.definition: MetricDef = metricdefs.load()[name]
-        self.metric: Metric = _new_metric(self.definition)
+    The samples are two parallel lists, `label_values` (tuples of str) and `values` (floats): a
+    scrape adds about 1,500 of them, and a pair tuple each would only feed the garbage collector.
+    """
+
+    __slots__ = ("definition", "head", "label_values", "values")
+
+    def __init__(self, definition: MetricDef | str):
+        if isinstance(definition, str):
+            definition = metricdefs.load()[definition]
+        self.definition: MetricDef = definition
+        self.head: SeriesHead = series_head(definition)  # raises here, in the collector, for a bad name
+        self.label_values: list[tuple[str, ...]] = []
+        self.values: list[float] = []
 
     def add(self, label_values: Sequence[object], value: float) -> None:
-        labels = self.definition.labels
-        if len(label_values) != len(labels):
-            raise ValueError(f"{self.definition.name}: {len(label_values)} label values for labels {labels}")
-        self.metric.add_metric([str(v) for v in label_values], float(value))
+        self._append(label_strings(label_values), value)
+
+    def _append(self, labels: tuple[str, ...], value: float) -> None:
+        if len(labels) != self.head.width:
+            raise ValueError(f"{self.definition.name}: {len(labels)} label values for labels {self.definition.labels}")
+        self.label_values.append(labels)
+        self.values.append(float(value))
 
     def add_gpu(self, sample: GpuSample, value: float, *extra: object) -> None:
         """A per-GPU sample: gpu and uuid come first, then the family's extra labels."""
         identity = sample.identity
         self.add((identity.index, identity.uuid, *extra), value)
 
-
-def _new_metric(definition: MetricDef) -> Metric:
-    kinds = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily}
-    try:
-        kind = kinds[definition.type]
-    except KeyError:
-        raise ValueError(f"{definition.name}: unsupported metric type {definition.type!r}") from None
-    return kind(
-        definition.family_name,
-        definition.help,
-        labels=definition.labels,
-        unit=definition.unit,
-    )
+    def metric(self) -> Metric:
+        """The same family as a prometheus_client Metric."""
+        metric = prometheus_metric(self.definition)
+        for label_values, value in zip(self.label_values, self.values):
+            metric.add_metric(label_values, value)
+        return metric
 
 
-def nonempty(families: Iterable[Family]) -> Iterator[Metric]:
+def label_strings(label_values: Iterable[object]) -> tuple[str, ...]:
+    return tuple([str(v) for v in label_values])
+
+
+def add_series(label_values: Sequence[object], *samples: tuple[Family, float | None]) -> None:
+    """One series in several families that share its label values, converted once; a None value
+    is left out of its family (absent, not zero)."""
+    labels = label_strings(label_values)
+    for family, value in samples:
+        if value is not None:
+            family._append(labels, value)
+
+
+def nonempty(families: Iterable[Family]) -> Iterator[Family]:
     """The finished families that have samples; an empty family only adds HELP/TYPE noise."""
-    for family in families:
-        if family.metric.samples:
-            yield family.metric
+    return (family for family in families if family.values)
 
 
 def gpus(view: View) -> tuple[GpuSample, ...]:
@@ -74,7 +97,7 @@ def is_reading(definition: MetricDef) -> bool:
     return definition.labels[:2] == GPU_LABELS and len(definition.labels) <= 3
 
 
-def reading_families(view: View, collector: str, exclude: Iterable[str] = ()) -> Iterator[Metric]:
+def reading_families(view: View, collector: str, exclude: Iterable[str] = ()) -> Iterator[Family]:
     """The table-driven part of the device collectors.
 
     Every metric of `collector` in metrics.yaml labelled (gpu, uuid) is taken from
@@ -86,22 +109,23 @@ def reading_families(view: View, collector: str, exclude: Iterable[str] = ()) ->
     skipped = set(exclude)
     definitions = [d for d in metricdefs.by_collector(collector) if d.name not in skipped and is_reading(d)]
     families = [Family(d.name) for d in definitions]
+    columns = [(family, family.definition.name, bool(family.definition.extra_labels)) for family in families]
     for sample in live_gpus(view):
-        for family in families:
-            name = family.definition.name
-            if family.definition.extra_labels:
+        gpu = label_strings((sample.identity.index, sample.identity.uuid))  # once for all its series
+        for family, name, labelled in columns:
+            if labelled:
                 by_label: Mapping[str, float] = sample.labelled.get(name, {})
                 for label_value, value in by_label.items():
-                    family.add_gpu(sample, value, label_value)
+                    family._append((*gpu, str(label_value)), value)
             elif name in sample.values:
-                family.add_gpu(sample, sample.values[name])
+                family._append(gpu, sample.values[name])
     return nonempty(families)
 
 
 def table_collector(collector: str):
     """A collect(view) function for a collector whose metrics all come from `reading_families`."""
 
-    def collect(view: View) -> Iterator[Metric]:
+    def collect(view: View) -> Iterator[Family]:
         return reading_families(view, collector)
 
     collect.__qualname__ = f"{collector}.collect"

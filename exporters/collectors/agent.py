@@ -9,14 +9,12 @@ from __future__ import annotations
 import platform
 from typing import Iterator
 
-from prometheus_client.core import Metric
-
 from agent import __version__
 from agent.view import View
 from exporters.collectors._families import Family, nonempty
 
 
-def collect(view: View) -> Iterator[Metric]:
+def collect(view: View) -> Iterator[Family]:
     build_info = Family("gpuphase_build_info")
     build_info.add((__version__, view.backend, platform.python_version()), 1)
     ticks = Family("gpu_sampler_ticks_total")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from prometheus_client.core import Metric
-
 from agent.view import View
 from exporters.collectors._families import Family, gpus, nonempty, reading_families
 
@@ -13,7 +11,7 @@ from exporters.collectors._families import Family, gpus, nonempty, reading_famil
 _IDENTITY_AND_HEALTH = ("gpu_info", "gpu_up", "gpu_last_sample_timestamp_seconds")
 
 
-def collect(view: View) -> Iterator[Metric]:
+def collect(view: View) -> Iterator[Family]:
     info, up, last_sample = (Family(name) for name in _IDENTITY_AND_HEALTH)
     for sample in gpus(view):
         identity = sample.identity

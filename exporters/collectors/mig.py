@@ -8,14 +8,12 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from prometheus_client.core import Metric
-
 from agent import metricdefs
 from agent.view import View
 from exporters.collectors._families import Family, live_gpus, nonempty
 
 
-def collect(view: View) -> Iterator[Metric]:
+def collect(view: View) -> Iterator[Family]:
     families = [Family(d.name) for d in metricdefs.by_collector("mig")]
     for sample in live_gpus(view):
         for instance in sample.mig:

@@ -15,11 +15,9 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Iterator
 
-from prometheus_client.core import Metric
-
 from agent import metricdefs
 from agent.view import PhaseSeries, View
-from exporters.collectors._families import Family, nonempty
+from exporters.collectors._families import Family, add_series, nonempty
 
 _LAST_SPAN = "gpu_phase_last_span_timestamp_seconds"
 _SERIES_FIELDS = {f.name for f in fields(PhaseSeries)}
@@ -32,14 +30,12 @@ def _field(metric_name: str) -> str:
     return field
 
 
-def collect(view: View) -> Iterator[Metric]:
-    counters = [Family(d.name) for d in metricdefs.by_collector("phases") if d.name != _LAST_SPAN]
+def collect(view: View) -> Iterator[Family]:
+    counters = [(Family(d.name), _field(d.name)) for d in metricdefs.by_collector("phases") if d.name != _LAST_SPAN]
     for series in view.phases:
-        for family in counters:
-            value = getattr(series, _field(family.definition.name))
-            if value is not None:
-                family.add((series.gpu, series.uuid, series.phase, series.service), value)
+        add_series((series.gpu, series.uuid, series.phase, series.service),
+                   *((family, getattr(series, field)) for family, field in counters))
     last_span = Family(_LAST_SPAN)
     for (gpu, uuid, service), timestamp in view.last_span.items():
         last_span.add((gpu, uuid, service), timestamp)
-    return nonempty((*counters, last_span))
+    return nonempty((*(family for family, _ in counters), last_span))

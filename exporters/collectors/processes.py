@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from prometheus_client.core import Metric
-
 from agent.view import View
-from exporters.collectors._families import Family, live_gpus, nonempty
+from exporters.collectors._families import Family, add_series, live_gpus, nonempty
 
 
-def collect(view: View) -> Iterator[Metric]:
+def collect(view: View) -> Iterator[Family]:
     count = Family("gpu_processes")
     memory = Family("gpu_process_memory_used_bytes")
     sm_active = Family("gpu_process_sm_active_ratio")
@@ -25,11 +23,10 @@ def collect(view: View) -> Iterator[Metric]:
         # count at all rather than a misleading 0 ("free").
         if "gpu_processes" in sample.values:
             count.add_gpu(sample, sample.values["gpu_processes"])
+        identity = sample.identity
         for process in sample.processes:
-            who = (process.pid, process.process_name, process.container, process.pod, process.namespace)
-            # None means NVML did not report it (e.g. no utilization sample yet): leave it out.
-            if process.memory_used_bytes is not None:
-                memory.add_gpu(sample, process.memory_used_bytes, *who)
-            if process.sm_active_ratio is not None:
-                sm_active.add_gpu(sample, process.sm_active_ratio, *who)
+            who = (identity.index, identity.uuid, process.pid, process.process_name, process.container, process.pod,
+                   process.namespace)
+            # None means NVML did not report it (e.g. no utilization sample yet): left out.
+            add_series(who, (memory, process.memory_used_bytes), (sm_active, process.sm_active_ratio))
     return nonempty((count, memory, sm_active))

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from prometheus_client.core import Metric
-
 from agent import metricdefs
 from agent.view import View
 from exporters.collectors._families import Family, nonempty
@@ -19,7 +17,7 @@ def _field(metric_name: str) -> str:
     return metric_name.removeprefix("gpu_spans_").removesuffix("_total")
 
 
-def collect(view: View) -> Iterator[Metric]:
+def collect(view: View) -> Iterator[Family]:
     families = []
     for definition in metricdefs.by_collector("spans"):
         family = Family(definition.name)
