@@ -19,6 +19,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.utils import floatToGoString
 
 from agent.metricdefs import MetricDef
+from benchmarks.scrape import PROMETHEUS_ACCEPT
 from exporters.collectors._families import Family
 from exporters.exposition import OPENMETRICS, TEXT, ExpositionWriter, dialect, format_value
 from exporters.registry import StaticViewSource, build_registry
@@ -29,9 +30,7 @@ PROPERTY_SETTINGS = settings(max_examples=100, deadline=None)
 # Prometheus 2 and 3 ask for OpenMetrics first; text 1.0.0 carries a name escaping.
 PROMETHEUS_2_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
                        "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
-PROMETHEUS_3_ACCEPT = ("application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
-                       "application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;escaping=allow-utf-8;"
-                       "q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1")
+PROMETHEUS_3_ACCEPT = PROMETHEUS_ACCEPT
 ACCEPT_HEADERS = [
     "",
     "text/plain",
