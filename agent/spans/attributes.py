@@ -2,8 +2,9 @@
 
 Span attributes come from any process that can reach the receiver, so nothing here trusts them:
 only the first MAX_ATTRIBUTES_INSPECTED attributes are looked at, only keys a decoder asked for
-are kept, strings longer than MAX_STRING_LENGTH and nested values are replaced by INVALID (never
-stored), and the typed getters raise InvalidSpan rather than guess (a "0.5" string where vLLM
+are kept and their values read only when it asks, strings longer than MAX_STRING_LENGTH and
+nested values are replaced by INVALID (never stored), and the typed getters raise InvalidSpan
+rather than guess (a "0.5" string where vLLM
 sends a float is a broken or hostile sender, not a value to coerce).
 """
 
@@ -11,8 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from itertools import islice
-from typing import Iterable, Mapping
+from typing import Mapping, Sequence
 
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
@@ -83,54 +83,79 @@ def any_value(value: AnyValue) -> Value:
     return _scalar(value, kind)
 
 
-def read_attributes(attributes: Iterable[KeyValue], wanted: frozenset[str]) -> dict[str, Value]:
-    """The wanted keys among the first MAX_ATTRIBUTES_INSPECTED attributes (first occurrence wins)."""
-    found: dict[str, Value] = {}
-    for attribute in islice(attributes, MAX_ATTRIBUTES_INSPECTED):
+def read_attributes(attributes: Sequence[KeyValue], wanted: frozenset[str]) -> dict[str, KeyValue]:
+    """The wanted keys among the first MAX_ATTRIBUTES_INSPECTED attributes (first occurrence wins).
+
+    The KeyValues themselves, not their values: a value is converted only when a decoder asks for
+    it with one of the getters below (vLLM spans carry latencies the decoder needs only as a
+    fallback), and each getter converts straight to the type it checks for.
+    """
+    if len(attributes) > MAX_ATTRIBUTES_INSPECTED:
+        attributes = attributes[:MAX_ATTRIBUTES_INSPECTED]
+    found: dict[str, KeyValue] = {}
+    for attribute in attributes:
         key = attribute.key  # a protobuf field read: once, not twice (this loop runs per attribute per span)
         if key in wanted and key not in found:
-            found[key] = any_value(attribute.value)
+            found[key] = attribute
     return found
 
 
-def get_float(attrs: Mapping[str, Value], key: str) -> float | None:
+Found = Mapping[str, KeyValue]  # what read_attributes returns, what the getters read
+
+
+def get_value(found: Found, key: str) -> Value | None:
+    """The attribute as a checked Python value (see any_value); None when absent."""
+    attribute = found.get(key)
+    return None if attribute is None else any_value(attribute.value)
+
+
+def get_float(found: Found, key: str) -> float | None:
     """A finite, non-negative number (seconds, mostly); None when absent."""
-    value = attrs.get(key)
-    if value is None:
+    attribute = found.get(key)
+    if attribute is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    value = attribute.value
+    kind = value.WhichOneof("value")
+    if kind == "double_value":
+        number = value.double_value
+    elif kind == "int_value":
+        number = float(value.int_value)
+    else:  # strings, bools, arrays, bytes, maps, unset
         raise InvalidSpan(f"{key} is not a number")
-    number = float(value)
-    if not math.isfinite(number) or number < 0:
+    if not 0.0 <= number < math.inf:  # also false for NaN
         raise InvalidSpan(f"{key} is negative or not finite")
     return number
 
 
-def get_count(attrs: Mapping[str, Value], key: str) -> int | None:
+def get_count(found: Found, key: str) -> int | None:
     """A non-negative integer count (tokens, batch size); integral doubles are accepted."""
-    value = attrs.get(key)
-    if value is None:
+    attribute = found.get(key)
+    if attribute is None:
         return None
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+    value = attribute.value
+    kind = value.WhichOneof("value")
+    if kind == "int_value":
+        count = value.int_value
+    elif kind == "double_value" and value.double_value.is_integer():  # False for inf and NaN
+        count = int(value.double_value)
+    else:
         raise InvalidSpan(f"{key} is not an integer")
-    if not 0 <= value <= MAX_TOKENS:
+    if not 0 <= count <= MAX_TOKENS:
         raise InvalidSpan(f"{key} is out of range")
-    return value
+    return count
 
 
-def get_string(attrs: Mapping[str, Value], key: str) -> str | None:
-    value = attrs.get(key)
+def get_string(found: Found, key: str) -> str | None:
+    """A string of at most MAX_STRING_LENGTH characters; None when absent or anything else."""
+    value = get_value(found, key)
     return value if isinstance(value, str) else None
 
 
-def first_count(attrs: Mapping[str, Value], *keys: str) -> int:
+def first_count(found: Found, keys: tuple[str, ...]) -> int:
     """The first present count among keys (newest convention first); 0 when none is present."""
     for key in keys:
-        count = get_count(attrs, key)
-        if count is not None:
-            return count
+        if key in found:
+            return get_count(found, key)
     return 0
 
 
@@ -147,8 +172,8 @@ def optional_pid(value: Value | None) -> int | None:
     return value if 0 < value <= MAX_PID else None
 
 
-def service_name(attrs: Mapping[str, Value]) -> str:
-    name = attrs.get("service.name")
+def service_name(found: Found) -> str:
+    name = get_value(found, "service.name")
     if not isinstance(name, str) or not name.strip():
         return UNKNOWN_SERVICE
     return name.strip()[:MAX_SERVICE_NAME_LENGTH]

@@ -62,29 +62,31 @@ def decode_request(request: ExportTraceServiceRequest) -> DecodeOutcome:
     for resource_spans in request.resource_spans:
         resource = ResourceInfo.from_resource(resource_spans.resource)
         for scope_spans in resource_spans.scope_spans:
-            for span in scope_spans.spans:
-                outcome.span_count += 1
-                _decode_span(resource, scope_spans.scope, span, outcome)
+            scope, spans = scope_spans.scope, scope_spans.spans
+            outcome.span_count += len(spans)
+            for span in spans:
+                _decode_span(resource, scope, span, outcome)
     return outcome
 
 
 def _decode_span(resource: ResourceInfo, scope, span, outcome: DecodeOutcome) -> None:
+    name = span.name
     found = read_attributes(span.attributes, ALL_KEYS)
-    for name, decoder in DECODERS:
+    for decoder_name, decoder in DECODERS:
         try:
-            windows = decoder(resource, scope, span, found)
+            windows = decoder(resource, scope, span, name, found)
         except InvalidSpan as error:
-            outcome.reject(INVALID_WINDOW, f"{name}: {error}")
+            outcome.reject(INVALID_WINDOW, f"{decoder_name}: {error}")
             return
         except UnmatchedSpan as unmatched:
             outcome.unmatched[unmatched.reason] += 1
             return
         except Exception:  # a decoder bug must cost one span, never the receiver
-            log.exception("decoder %s failed on span %r", name, span.name[:64])
-            outcome.reject(DECODER_ERROR, f"{name}: internal error")
+            log.exception("decoder %s failed on span %r", decoder_name, name[:64])
+            outcome.reject(DECODER_ERROR, f"{decoder_name}: internal error")
             return
         if windows is not None:
-            outcome.received[name] += 1
-            outcome.windows.extend(windows)
+            outcome.received[decoder_name] += 1
+            outcome.windows += windows
             return
     outcome.unmatched[UNKNOWN_SPAN] += 1

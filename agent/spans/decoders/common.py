@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable
 
 from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
@@ -17,13 +17,16 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from agent.spans import attributes as attrs
 from agent.spans.attributes import InvalidSpan
-from agent.spans.windows import WORK_PHASES, PhaseWindow
+from agent.spans.windows import WORK_PHASES, PhaseWindow, new_window
 
 MIN_TIMESTAMP = 946_684_800.0  # 2000-01-01: anything earlier is an unset or broken clock
 MAX_TIMESTAMP = 4_102_444_800.0  # 2100-01-01
 MAX_WINDOW_SECONDS = 86_400.0  # no prefill or decode lasts a day; longer is a broken sender
 TRACE_ID_BYTES = 16
 SPAN_ID_BYTES = 8
+
+_ZERO_SPAN_ID = bytes(SPAN_ID_BYTES)
+_PHASE_SUFFIX = {phase: phase.encode() for phase in WORK_PHASES}  # the end of a window's key
 
 _RESOURCE_KEYS = frozenset({"service.name", "process.pid", "vllm.process_id", attrs.GPU_IDS_ATTRIBUTE})
 
@@ -40,17 +43,19 @@ class ResourceInfo:
     @classmethod
     def from_resource(cls, resource: Resource) -> "ResourceInfo":
         found = attrs.read_attributes(resource.attributes, _RESOURCE_KEYS)
-        pid = attrs.optional_pid(found.get("process.pid")) or attrs.optional_pid(found.get("vllm.process_id"))
+        pid = (attrs.optional_pid(attrs.get_value(found, "process.pid"))
+               or attrs.optional_pid(attrs.get_value(found, "vllm.process_id")))
         try:
-            gpu_ids = attrs.gpu_ids(found.get(attrs.GPU_IDS_ATTRIBUTE))
+            gpu_ids = attrs.gpu_ids(attrs.get_value(found, attrs.GPU_IDS_ATTRIBUTE))
             invalid_reason = None
         except InvalidSpan as error:
             gpu_ids, invalid_reason = (), str(error)
         return cls(attrs.service_name(found), pid, gpu_ids, invalid_reason)
 
 
-# (resource, scope, span, the span's attributes among every decoder's KEYS) -> windows, or None if not its span
-Decoder = Callable[[ResourceInfo, InstrumentationScope, Span, Mapping], "list[PhaseWindow] | None"]
+# (resource, scope, span, span.name, the span's attributes among every decoder's KEYS as read by
+# attrs.read_attributes) -> windows, or None if not its span
+Decoder = Callable[[ResourceInfo, InstrumentationScope, Span, str, attrs.Found], "list[PhaseWindow] | None"]
 
 
 def span_seconds(span: Span) -> tuple[float, float]:
@@ -60,47 +65,38 @@ def span_seconds(span: Span) -> tuple[float, float]:
     return start, end
 
 
+def span_ids(span: Span) -> bytes:
+    """trace id + span id, the start of the span's window keys.
+
+    The key must identify the span: without real ids every such span would look like a duplicate
+    of every other to the accountant's de-duplication, so they are InvalidSpan.
+    """
+    trace_id, span_id = span.trace_id, span.span_id
+    if len(trace_id) != TRACE_ID_BYTES or len(span_id) != SPAN_ID_BYTES or span_id == _ZERO_SPAN_ID:
+        raise InvalidSpan("span has no valid trace or span id")
+    return trace_id + span_id
+
+
 def _check_interval(start: float, end: float) -> None:
+    if MIN_TIMESTAMP <= start <= end <= MAX_TIMESTAMP and end - start <= MAX_WINDOW_SECONDS:
+        return  # every comparison is false for NaN, and infinities fall outside the years
     if not (math.isfinite(start) and math.isfinite(end)):
         raise InvalidSpan("window time is not finite")
     if not (MIN_TIMESTAMP <= start <= MAX_TIMESTAMP and MIN_TIMESTAMP <= end <= MAX_TIMESTAMP):
         raise InvalidSpan("window time is before 2000 or after 2100")
     if end < start:
         raise InvalidSpan("window ends before it starts")
-    if end - start > MAX_WINDOW_SECONDS:
-        raise InvalidSpan("window is longer than a day")
+    raise InvalidSpan("window is longer than a day")
 
 
-def make_window(
-    phase: str,
-    start: float,
-    end: float,
-    *,
-    span: Span,
-    resource: ResourceInfo,
-    decoder: str,
-    tokens: int = 0,
-    pid: int | None = None,
-    gpu_ids: tuple[str, ...] = (),
-) -> PhaseWindow:
-    """A validated PhaseWindow; span-level pid/gpu_ids override the resource's."""
-    if phase not in WORK_PHASES:
+def make_window(phase: str, start: float, end: float, ids: bytes, resource: ResourceInfo, decoder: str,
+                tokens: int = 0, pid: int | None = None, gpu_ids: tuple[str, ...] = ()) -> PhaseWindow:
+    """A validated PhaseWindow of the span whose span_ids() are `ids`; span-level pid/gpu_ids
+    override the resource's. Positional arguments: this runs twice per vLLM span."""
+    if phase not in _PHASE_SUFFIX:
         raise InvalidSpan(f"unknown phase {phase!r}")
     if resource.invalid_reason:
         raise InvalidSpan(resource.invalid_reason)
-    if len(span.trace_id) != TRACE_ID_BYTES or len(span.span_id) != SPAN_ID_BYTES or not any(span.span_id):
-        # The key must identify the span: without real ids every such span would look like a
-        # duplicate of every other to the accountant's de-duplication.
-        raise InvalidSpan("span has no valid trace or span id")
     _check_interval(start, end)
-    return PhaseWindow(
-        phase=phase,
-        start=start,
-        end=end,
-        service=resource.service,
-        decoder=decoder,
-        key=bytes(span.trace_id) + bytes(span.span_id) + phase.encode(),
-        tokens=tokens,
-        pid=pid if pid is not None else resource.pid,
-        gpu_ids=gpu_ids or resource.gpu_ids,
-    )
+    return new_window((phase, start, end, resource.service, decoder, ids + _PHASE_SUFFIX[phase], tokens,
+                       resource.pid if pid is None else pid, gpu_ids or resource.gpu_ids))

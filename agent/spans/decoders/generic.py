@@ -10,31 +10,31 @@ span also looks like one of the known servers'.
 
 from __future__ import annotations
 
-from typing import Mapping
-
 from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from agent.spans import attributes as attrs
 from agent.spans.attributes import InvalidSpan
-from agent.spans.decoders.common import ResourceInfo, make_window, span_seconds
+from agent.spans.decoders.common import ResourceInfo, make_window, span_ids, span_seconds
 from agent.spans.windows import WORK_PHASES, PhaseWindow
 
 NAME = "generic"
 PHASE_ATTRIBUTE = "gpuphase.phase"
 TOKENS_ATTRIBUTE = "gpuphase.tokens"
 
+TOKENS_KEYS = (TOKENS_ATTRIBUTE,)
+
 KEYS = frozenset({PHASE_ATTRIBUTE, TOKENS_ATTRIBUTE, attrs.GPU_IDS_ATTRIBUTE})
 
 
-def decode(resource: ResourceInfo, scope: InstrumentationScope, span: Span,
-           found: Mapping[str, attrs.Value]) -> list[PhaseWindow] | None:
+def decode(resource: ResourceInfo, scope: InstrumentationScope, span: Span, name: str,
+           found: attrs.Found) -> list[PhaseWindow] | None:
     if PHASE_ATTRIBUTE not in found:
         return None
-    phase = found[PHASE_ATTRIBUTE]
+    phase = attrs.get_value(found, PHASE_ATTRIBUTE)
     if phase not in WORK_PHASES:
         raise InvalidSpan(f"{PHASE_ATTRIBUTE} must be one of {', '.join(WORK_PHASES)}")
     start, end = span_seconds(span)
-    return [make_window(str(phase), start, end, span=span, resource=resource, decoder=NAME,
-                        tokens=attrs.first_count(found, TOKENS_ATTRIBUTE),
-                        gpu_ids=attrs.gpu_ids(found.get(attrs.GPU_IDS_ATTRIBUTE)))]
+    tokens = attrs.first_count(found, TOKENS_KEYS)
+    gpu_ids = attrs.gpu_ids(attrs.get_value(found, attrs.GPU_IDS_ATTRIBUTE))
+    return [make_window(str(phase), start, end, span_ids(span), resource, NAME, tokens, None, gpu_ids)]

@@ -20,13 +20,11 @@ resource's service.name (default `text-generation-inference.router`) says so.
 
 from __future__ import annotations
 
-from typing import Mapping
-
 from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from agent.spans import attributes as attrs
-from agent.spans.decoders.common import ResourceInfo, make_window, span_seconds
+from agent.spans.decoders.common import ResourceInfo, make_window, span_ids, span_seconds
 from agent.spans.windows import DECODE, PREFILL, PhaseWindow
 
 NAME = "tgi"
@@ -34,17 +32,19 @@ PHASE_BY_NAME = {"prefill": PREFILL, "decode": DECODE}
 CODE_NAMESPACE_PREFIX = "text_generation"
 SERVICE_PREFIX = "text-generation-inference"
 
-KEYS = frozenset({"code.namespace", "size"})
+TOKENS_KEYS = ("size",)
+
+KEYS = frozenset({"code.namespace", *TOKENS_KEYS})
 
 
-def decode(resource: ResourceInfo, scope: InstrumentationScope, span: Span,
-           found: Mapping[str, attrs.Value]) -> list[PhaseWindow] | None:
-    phase = PHASE_BY_NAME.get(span.name)
+def decode(resource: ResourceInfo, scope: InstrumentationScope, span: Span, name: str,
+           found: attrs.Found) -> list[PhaseWindow] | None:
+    phase = PHASE_BY_NAME.get(name)
     if phase is None:
         return None
     namespace = attrs.get_string(found, "code.namespace") or ""
     if not (namespace.startswith(CODE_NAMESPACE_PREFIX) or resource.service.startswith(SERVICE_PREFIX)):
         return None
     start, end = span_seconds(span)
-    tokens = attrs.first_count(found, "size") if phase == DECODE else 0
-    return [make_window(phase, start, end, span=span, resource=resource, decoder=NAME, tokens=tokens)]
+    tokens = attrs.first_count(found, TOKENS_KEYS) if phase == DECODE else 0
+    return [make_window(phase, start, end, span_ids(span), resource, NAME, tokens)]

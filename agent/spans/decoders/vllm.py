@@ -17,14 +17,12 @@ the span by up to CLOCK_SLACK_SECONDS and are clamped into it; more than that is
 
 from __future__ import annotations
 
-from typing import Mapping
-
 from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from agent.spans import attributes as attrs
 from agent.spans.attributes import InvalidSpan, UnmatchedSpan
-from agent.spans.decoders.common import ResourceInfo, make_window, span_seconds
+from agent.spans.decoders.common import ResourceInfo, make_window, span_ids, span_seconds
 from agent.spans.windows import DECODE, PREFILL, PhaseWindow
 
 NAME = "vllm"
@@ -44,23 +42,26 @@ KEYS = frozenset({TIME_IN_QUEUE, TIME_TO_FIRST_TOKEN, E2E, TIME_IN_PREFILL, TIME
                    *PROMPT_TOKENS, *OUTPUT_TOKENS})
 
 
-def decode(resource: ResourceInfo, scope: InstrumentationScope, span: Span,
-           found: Mapping[str, attrs.Value]) -> list[PhaseWindow] | None:
-    if span.name != SPAN_NAME and TIME_TO_FIRST_TOKEN not in found:
+def decode(resource: ResourceInfo, scope: InstrumentationScope, span: Span, name: str,
+           found: attrs.Found) -> list[PhaseWindow] | None:
+    if name != SPAN_NAME and TIME_TO_FIRST_TOKEN not in found:
         return None
     start, end = span_seconds(span)
     ttft = attrs.get_float(found, TIME_TO_FIRST_TOKEN)
     if ttft is None:
         raise UnmatchedSpan("no_time_to_first_token")
+    earliest, latest = start - CLOCK_SLACK_SECONDS, end + CLOCK_SLACK_SECONDS
     first_token = start + ttft
-    _within_span(first_token, start, end, "time_to_first_token")
+    if not earliest <= first_token <= latest:
+        raise InvalidSpan("time_to_first_token lies outside the request span")
 
     prefill_time = attrs.get_float(found, TIME_IN_PREFILL)
     if prefill_time is not None:
         prefill_start = first_token - prefill_time
     else:
         prefill_start = start + (attrs.get_float(found, TIME_IN_QUEUE) or 0.0)
-    _within_span(prefill_start, start, end, "prefill start")
+    if not earliest <= prefill_start <= latest:
+        raise InvalidSpan("prefill start lies outside the request span")
 
     decode_time = attrs.get_float(found, TIME_IN_DECODE)
     if decode_time is not None:
@@ -68,20 +69,15 @@ def decode(resource: ResourceInfo, scope: InstrumentationScope, span: Span,
     else:
         e2e = attrs.get_float(found, E2E)
         decode_end = start + e2e if e2e is not None else end
-    _within_span(decode_end, start, end, "decode end")
+    if not earliest <= decode_end <= latest:
+        raise InvalidSpan("decode end lies outside the request span")
 
-    def clamp(t: float) -> float:
-        return min(max(t, start), end)
-
-    common = dict(span=span, resource=resource, decoder=NAME)
+    # Clamped into the span: first_token and decode_end may poke out by the clock slack.
+    first_token = min(max(first_token, start), end)
+    prefill_tokens = attrs.first_count(found, PROMPT_TOKENS)
+    decode_tokens = attrs.first_count(found, OUTPUT_TOKENS)
+    ids = span_ids(span)
     return [
-        make_window(PREFILL, clamp(prefill_start), clamp(first_token),
-                    tokens=attrs.first_count(found, *PROMPT_TOKENS), **common),
-        make_window(DECODE, clamp(first_token), clamp(max(decode_end, first_token)),
-                    tokens=attrs.first_count(found, *OUTPUT_TOKENS), **common),
+        make_window(PREFILL, min(max(prefill_start, start), end), first_token, ids, resource, NAME, prefill_tokens),
+        make_window(DECODE, first_token, min(max(decode_end, first_token), end), ids, resource, NAME, decode_tokens),
     ]
-
-
-def _within_span(t: float, start: float, end: float, what: str) -> None:
-    if not start - CLOCK_SLACK_SECONDS <= t <= end + CLOCK_SLACK_SECONDS:
-        raise InvalidSpan(f"{what} lies outside the request span")
