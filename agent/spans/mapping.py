@@ -24,12 +24,18 @@ from __future__ import annotations
 import os
 import threading
 import time
+from itertools import groupby
+from operator import itemgetter
 from typing import Callable, Iterable, NamedTuple
 
 from agent.snapshot import Snapshot
 from agent.spans.windows import PhaseWindow
 
 GpuKey = tuple[int, str]  # (index, uuid)
+
+# What decides a window's GPUs: its service, gpu_ids and pid.
+_IDENTITY = itemgetter(PhaseWindow._fields.index("service"), PhaseWindow._fields.index("gpu_ids"),
+                       PhaseWindow._fields.index("pid"))
 
 NO_MAPPING = "no_mapping"  # no phase.map entry, no gpu_ids and no pid
 PID_NOT_ON_GPU = "pid_not_on_gpu"  # neither the pid nor any descendant holds a GPU
@@ -161,8 +167,8 @@ class SpanMapper:
         return {key: tuple(services) for key, services in out.items()}
 
     def map(self, windows: Iterable[PhaseWindow]) -> tuple[dict[GpuKey, list[PhaseWindow]], dict[str, int]]:
-        """Windows grouped by GPU (a window on several GPUs appears under each), and the
-        windows that found no GPU counted by reason."""
+        """Windows grouped by GPU (a window on several GPUs appears under each, in the order
+        given), and the windows that found no GPU counted by reason."""
         mapped: dict[GpuKey, list[PhaseWindow]] = {}
         unmatched: dict[str, int] = {}
         # The lock only hands over the state: update_gpus() (on the tick thread) must not wait for
@@ -170,27 +176,36 @@ class SpanMapper:
         # filled here only, by the one span worker thread.
         with self._lock:
             state = self._state
-        for window in windows:
-            answer = self._gpus_of(state, window)
+        # The answer depends only on (service, gpu_ids, pid), which the windows of one resource
+        # share: decide once per run of such windows (one per request, usually), not per window.
+        answers: dict[tuple, tuple[GpuKey, ...] | str] = {}
+        for identity, run in groupby(windows, _IDENTITY):
+            answer = answers.get(identity)
+            if answer is None:
+                answer = answers[identity] = self._gpus_of(state, *identity)
             if isinstance(answer, str):
-                unmatched[answer] = unmatched.get(answer, 0) + 1
-                continue
-            for key in answer:
-                mapped.setdefault(key, []).append(window)
+                unmatched[answer] = unmatched.get(answer, 0) + sum(1 for _ in run)
+            elif len(answer) == 1:
+                mapped.setdefault(answer[0], []).extend(run)
+            else:
+                run = list(run)
+                for key in answer:
+                    mapped.setdefault(key, []).extend(run)
         return mapped, unmatched
 
     # --- the three ways, in order ----------------------------------------------------------------
 
-    def _gpus_of(self, state: _GpuState, window: PhaseWindow) -> tuple[GpuKey, ...] | str:
-        names = self._phase_map.get(window.service) or window.gpu_ids
+    def _gpus_of(self, state: _GpuState, service: str, gpu_ids: tuple[str, ...],
+                 pid: int | None) -> tuple[GpuKey, ...] | str:
+        names = self._phase_map.get(service) or gpu_ids
         if names:
             keys = state.resolve(names)
             return keys if keys is not None else UNKNOWN_GPU
-        if window.pid is None:
+        if pid is None:
             return NO_MAPPING
-        answer = state.pid_answers.get(window.pid)
+        answer = state.pid_answers.get(pid)
         if answer is None:
-            answer = state.pid_answers[window.pid] = self._gpus_of_pid(state, window.pid)
+            answer = state.pid_answers[pid] = self._gpus_of_pid(state, pid)
         return answer
 
     def _gpus_of_pid(self, state: _GpuState, pid: int) -> tuple[GpuKey, ...] | str:
