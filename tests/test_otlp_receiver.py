@@ -34,9 +34,10 @@ EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
 
 class Receivers:
-    def __init__(self, sink=None, queue_size=16):
+    def __init__(self, sink=None, queue_size=16, max_queued_windows=10_000):
         self.windows = []
-        self.intake = SpanIntake(sink or self.windows.extend, max_request_bytes=LIMIT, queue_size=queue_size)
+        self.intake = SpanIntake(sink or self.windows.extend, max_request_bytes=LIMIT, queue_size=queue_size,
+                                 max_queued_windows=max_queued_windows)
         self.intake.start()
         self.grpc = start_grpc_server(self.intake, "127.0.0.1:0")
         self.http = start_http_server(self.intake, "127.0.0.1:0")
@@ -208,6 +209,31 @@ def test_full_queue_answers_retryable_on_both_transports():
         assert r.intake.wait_idle(10) and len(delivered) == 8
         r.windows = delivered
         r.assert_still_answering()
+    finally:
+        release.set()
+        r.close()
+
+
+def test_queue_is_bounded_in_windows_too_and_an_empty_queue_takes_any_request():
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_sink(windows):
+        entered.set()
+        release.wait(10)
+
+    r = Receivers(sink=slow_sink, queue_size=16, max_queued_windows=6)
+    try:
+        two_spans = f.request([f.vllm_span(), f.vllm_span()]).SerializeToString()  # 4 windows
+        assert r.post(two_spans)[0] == 200  # held by the worker, in the sink: still counts
+        assert entered.wait(10)
+        assert r.post(two_spans)[0] == 503  # 8 windows > 6, though the queue has 16 free places
+        assert r.grpc_code(two_spans) == grpc.StatusCode.UNAVAILABLE
+        assert r.rejected() == {"queue_full": 4}
+        release.set()
+        assert r.intake.wait_idle(10)
+        four_spans = f.request([f.vllm_span() for _ in range(4)]).SerializeToString()  # 8 windows > 6
+        assert r.post(four_spans)[0] == 200  # alone it would never fit: an empty queue takes it
+        assert r.intake.wait_idle(10) and r.intake.stats().received == {"vllm": 6}
     finally:
         release.set()
         r.close()

@@ -6,8 +6,12 @@ hands them to the sink (the lead's mapper/accountant, which takes locks and may 
  - Decoding is pure CPU on at most max_request_bytes, with no shared locks, so it is cheap and
    safe on the network thread, and it is the only way to answer with an exact
    partial_success.rejected_spans (OTLP wants it in the response, not later).
- - Queued window batches are far smaller than parsed protobuf requests, so queue_size ×
-   max_request_bytes never turns into resident memory.
+ - The queue is bounded twice: in requests (queue_size) and in windows (max_queued_windows).
+   A window takes about as much memory as the protobuf span it came from (~180 bytes, two per
+   vLLM span), so queue_size full requests could hold queue_size × max_request_bytes of windows
+   (1 GiB by default); the window bound keeps that at ~12 MiB. It also bounds what the garbage
+   collector has to walk: every queued window is a tracked object, and a full collection over the
+   262,144 windows of 256 queued 512-span requests held the GIL for ~100 ms, which the tick felt.
  - The sink is what can stall; keeping it off the network threads is what keeps answers fast.
 Counters are committed only when a request is accepted: a refused request will be retried by
 its sender and must not be counted twice.
@@ -45,7 +49,9 @@ SINK_ERROR = "sink_error"
 
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 DEFAULT_QUEUE_SIZE = 256
-RETRY_AFTER_SECONDS = 1  # a queue of decoded windows drains in milliseconds; retry soon
+# ~12 MiB of windows, 64 requests of 512 vLLM spans, a few seconds of the accountant's work.
+DEFAULT_MAX_QUEUED_WINDOWS = 65_536
+RETRY_AFTER_SECONDS = 1  # a full queue drains within seconds (DEFAULT_MAX_QUEUED_WINDOWS); retry soon
 
 Sink = Callable[[list[PhaseWindow]], None]
 
@@ -84,17 +90,19 @@ _STOP = object()
 
 class SpanIntake:
     def __init__(self, sink: Sink, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 queue_size: int = DEFAULT_QUEUE_SIZE):
-        if max_request_bytes < 1 or queue_size < 1:
-            raise ValueError("max_request_bytes and queue_size must be positive")
+                 queue_size: int = DEFAULT_QUEUE_SIZE, max_queued_windows: int = DEFAULT_MAX_QUEUED_WINDOWS):
+        if max_request_bytes < 1 or queue_size < 1 or max_queued_windows < 1:
+            raise ValueError("max_request_bytes, queue_size and max_queued_windows must be positive")
         self._sink = sink
         self.max_request_bytes = max_request_bytes
+        self._max_queued_windows = max_queued_windows
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._counts_lock = threading.Lock()
         self._received: Counter = Counter()
         self._rejected: Counter = Counter()
         self._unmatched: Counter = Counter()
         self._pending = 0  # accepted batches not yet handed to the sink
+        self._pending_windows = 0  # the windows in them (one batch may exceed the bound alone)
         self._idle = threading.Condition()
         self._worker: threading.Thread | None = None
 
@@ -126,24 +134,34 @@ class SpanIntake:
 
     def submit(self, request: ExportTraceServiceRequest) -> Submission:
         """Decode one parsed request and queue its windows; called on network threads."""
-        if self._queue.full():  # fast path: do not spend CPU on a request we will refuse
+        if self._queue.full() or self._pending_windows >= self._max_queued_windows:
+            # fast path: do not spend CPU on a request we will refuse
             self.count_rejected(QUEUE_FULL, _span_count(request))
             return Submission(queue_full=True)
         outcome = decode_request(request)
-        if outcome.windows:
-            with self._idle:
-                self._pending += 1
-            try:
-                self._queue.put_nowait(outcome.windows)
-            except queue.Full:
-                self._batch_done()
-                self.count_rejected(QUEUE_FULL, outcome.span_count)
-                return Submission(queue_full=True)
+        if outcome.windows and not self._enqueue(outcome.windows):
+            self.count_rejected(QUEUE_FULL, outcome.span_count)
+            return Submission(queue_full=True)
         with self._counts_lock:
             self._received.update(outcome.received)
             self._rejected.update(outcome.rejected)
             self._unmatched.update(outcome.unmatched)
         return Submission(rejected_spans=outcome.rejected_spans, error_message=outcome.first_error)
+
+    def _enqueue(self, windows: list[PhaseWindow]) -> bool:
+        """Queue a batch unless the queue is full in requests or in windows. A batch always fits
+        into an empty queue: one bigger than the window bound alone would never fit otherwise."""
+        with self._idle:
+            if self._pending_windows and self._pending_windows + len(windows) > self._max_queued_windows:
+                return False
+            self._pending += 1
+            self._pending_windows += len(windows)
+        try:
+            self._queue.put_nowait(windows)
+        except queue.Full:
+            self._batch_done(len(windows))
+            return False
+        return True
 
     # --- counters ----------------------------------------------------------------------------
 
@@ -175,11 +193,12 @@ class SpanIntake:
                 log.exception("span sink failed; %d windows dropped", len(batch))
                 self.count_rejected(SINK_ERROR, len(batch))
             finally:
-                self._batch_done()
+                self._batch_done(len(batch))
 
-    def _batch_done(self) -> None:
+    def _batch_done(self, windows: int) -> None:
         with self._idle:
             self._pending -= 1
+            self._pending_windows -= windows
             self._idle.notify_all()
 
 
