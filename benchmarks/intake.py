@@ -13,6 +13,7 @@ the sampler re-bases its schedule, and so does this measurement (the stall itsel
 
 from __future__ import annotations
 
+import threading
 import time
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -22,8 +23,8 @@ from agent.backends.sim import SimBackend
 from agent.config import Config
 from agent.spans.decoders import decode_request
 from benchmarks.harness import percentile
-from benchmarks.otlp_load import SenderProcess, payloads
-from benchmarks.results import Figure, Section
+from benchmarks.otlp_load import SenderProcess, payloads, renewed
+from benchmarks.results import Figure, Section, Table
 
 INTAKE_GOAL = 20_000.0  # spans/s
 JITTER_GOAL = 0.050  # seconds, p99
@@ -64,22 +65,68 @@ def in_process_decode_rate(bodies: list[bytes], spans_per_body: int, seconds: fl
     return _rate(seconds, decode_all)
 
 
+STAGES = ("parse", "decode", "map", "account")
+
+
+def stage_costs(bodies: list[bytes], spans_per_body: int, batches: int) -> dict[str, float]:
+    """CPU µs per span of each step a span takes, on one thread of a running Agent (its mapper and
+    accountant, GPUs sampled, no network): protobuf parse, decoders, SpanMapper.map and
+    PhaseAccountant.add_windows. `batches` requests of new spans (renewed as the sender does);
+    the accountant's cost depends on how many windows it holds, so this is its cost while the
+    first batches × spans_per_body spans arrive."""
+    templates = [ExportTraceServiceRequest.FromString(body) for body in bodies]
+    spent = dict.fromkeys(STAGES, 0.0)
+    agent = Agent(agent_config())
+    agent.start()
+    try:
+        agent.sampler.wait_ready(10)
+        for serial in range(batches):
+            body = renewed(templates[serial % len(templates)], serial)
+            t0 = time.thread_time()
+            request = ExportTraceServiceRequest.FromString(body)
+            t1 = time.thread_time()
+            windows = decode_request(request).windows
+            t2 = time.thread_time()
+            by_gpu, _ = agent.mapper.map(windows)
+            t3 = time.thread_time()
+            for gpu_key, gpu_windows in by_gpu.items():
+                agent.accountant.add_windows(gpu_key, gpu_windows)
+            t4 = time.thread_time()
+            for stage, seconds in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                spent[stage] += seconds
+    finally:
+        agent.stop()
+    return {stage: seconds / (batches * spans_per_body) * 1e6 for stage, seconds in spent.items()}
+
+
+def _thread_cpu(name: str) -> float:
+    """CPU seconds used so far by the live thread called `name` (0 when there is none)."""
+    for thread in threading.enumerate():
+        if thread.name == name and thread.ident is not None:
+            return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    return 0.0
+
+
 def intake_rate(protocol: str, bodies: list[bytes], spans_per_body: int, seconds: float) -> tuple[float, dict]:
-    """Accepted spans/s of a running agent flooded over `protocol` from another process."""
+    """Accepted spans/s of a running agent flooded over `protocol` from another process, and the CPU
+    per accepted span of the agent's process and of its span-intake worker (mapper + accountant)."""
     agent = Agent(agent_config())
     agent.start()
     try:
         address = agent.otlp_http_address if protocol == "http" else agent.otlp_grpc_address
+        cpu_started, worker_started = time.process_time(), _thread_cpu("span-intake")
         result = SenderProcess("flood", protocol=protocol, address=address, bodies=bodies,
                                spans_per_body=spans_per_body, seconds=seconds).start().join(seconds + 120)
         drain_started = time.perf_counter()
         agent.intake.wait_idle(60)
         drained = time.perf_counter() - drain_started
+        cpu, worker = time.process_time() - cpu_started, _thread_cpu("span-intake") - worker_started
     finally:
         agent.stop()
     rate = result.accepted_spans / (result.seconds + drained)
+    per_span = 1e6 / max(result.accepted_spans, 1)
     return rate, {"requests": result.requests, "refused": result.refused_requests, "failed": result.failed_requests,
-                  "drain_seconds": drained}
+                  "drain_seconds": drained, "cpu_us": cpu * per_span, "worker_us": worker * per_span}
 
 
 class TickRecorder:
@@ -151,7 +198,7 @@ def _wait_for_spans(agent: Agent, timeout: float = 60.0) -> None:
 
 
 def run(seconds: float = 10.0, spans_per_request: int = 512, jitter_seconds: float = 20.0,
-        jitter_interval: float = 0.1) -> Section:
+        jitter_interval: float = 0.1, stage_batches: int = 64) -> Section:
     bodies = payloads(16, spans_per_request)
     section = Section(
         "intake", "Span intake and tick jitter",
@@ -161,24 +208,34 @@ def run(seconds: float = 10.0, spans_per_request: int = 512, jitter_seconds: flo
         "for the intake queue to drain into the accountant). Baseline: `ExportTraceServiceRequest.FromString` "
         f"of the same payloads in this process. Jitter: {jitter_interval:g} s sampling, {jitter_seconds:g} s "
         "quiet then the same time under an OTLP/HTTP flood; lateness of GPU 0's reading start against the "
-        "fixed-rate schedule.")
+        "fixed-rate schedule. Cost per span: thread CPU time of each step, one thread, "
+        f"{stage_batches} requests of new spans into a running Agent.")
     baseline = bare_decode_rate(bodies, spans_per_request, min(seconds, 5.0))
     ceiling = in_process_decode_rate(bodies, spans_per_request, min(seconds, 5.0))
     section.figures.append(Figure("span decoding in process (parse + decoders, no network)", ceiling, "spans/s",
                                   "bare protobuf parse", baseline))
+    costs = stage_costs(bodies, spans_per_request, stage_batches)
+    section.tables.append(Table(["step (one thread, no network)", "CPU µs per span"],
+                                [[stage, round(costs[stage], 2)] for stage in STAGES]
+                                + [["total", round(sum(costs.values()), 2)]]))
     for protocol, title in (("http", "OTLP/HTTP protobuf"), ("grpc", "OTLP/gRPC")):
         rate, details = intake_rate(protocol, bodies, spans_per_request, seconds)
         met = rate >= INTAKE_GOAL
         note = "" if met else (
-            f"Decoding alone (no network, no placement) reaches {ceiling:,.0f} spans/s here; the network "
-            "handling and placing the windows (mapper and accountant, ~45 ms per 512 spans) share the same GIL "
-            "and cost the rest. Reaching the goal would take decoding in a worker process (or the per-span "
-            "attribute walk in compiled code) and a cheaper window placement.")
+            f"One GIL holds it back: under this flood the agent spent {details['cpu_us']:.0f} µs of CPU per "
+            f"accepted span, {details['worker_us']:.0f} µs of them on the span-intake worker (mapper and "
+            f"accountant). On one thread a span costs {costs['parse']:.1f} µs to parse, {costs['decode']:.1f} µs "
+            f"to decode, {costs['map']:.1f} µs to map and {costs['account']:.1f} µs to account on 8 GPUs "
+            f"(PhaseAccountant.add_windows, agent/phases.py): the goal needs ≤ {1e6 / INTAKE_GOAL:.0f} µs in all. "
+            "Decoding in a worker process would move only the decode share off the GIL (and add a second "
+            "interpreter's ~18 MiB); the accountant's share is what has to shrink.")
         section.figures.append(Figure(f"span intake, {title}", rate, "spans/s", "bare protobuf parse", baseline,
                                       f"≥ {INTAKE_GOAL:,.0f} spans/s", met, note))
         section.notes.append(f"{title}: {details['requests']} requests, {details['refused']} refused with "
                              f"retry-later, {details['failed']} failed, queue drained in "
-                             f"{details['drain_seconds'] * 1000:.0f} ms after the sender stopped.")
+                             f"{details['drain_seconds'] * 1000:.0f} ms after the sender stopped; agent CPU "
+                             f"{details['cpu_us']:.1f} µs per accepted span, span-intake worker "
+                             f"{details['worker_us']:.1f} µs.")
     jitter = tick_jitter(jitter_interval, jitter_seconds, bodies, spans_per_request)
     quiet, flood_ = jitter["quiet"], jitter["flood"]
     section.figures.append(Figure(f"tick lateness p50, quiet ({jitter_interval:g} s interval)", quiet["p50"] * 1000,
@@ -190,12 +247,13 @@ def run(seconds: float = 10.0, spans_per_request: int = 512, jitter_seconds: flo
     section.figures.append(Figure(
         "tick lateness p99, under span flood", flood_["p99"] * 1000, "ms", "quiet p99", quiet["p99"] * 1000,
         "≤ 50 ms", flood_met,
-        "" if flood_met else "Measured on this machine: decoding one 512-span request takes ~35 ms of pure Python on "
-        "the receiver thread, and mapping and accounting its 1,024 windows ~45 ms on the span-intake worker "
-        "(under the accountant's lock, which the tick's add_sample also takes). With two CPU-bound threads "
-        "every GIL hand-off the tick needs (it wakes 8 GPU workers and waits for them) can wait a 5 ms switch "
-        "interval. Decoding in a separate process, smaller sink batches that release the lock between GPUs, "
-        "and fewer thread hand-offs per tick would each shorten it."))
+        "" if flood_met else (
+            f"Under the flood two threads are CPU-bound: the receiver ({costs['parse'] + costs['decode']:.0f} µs "
+            f"of parsing and decoding per span) and the span-intake worker ({costs['map'] + costs['account']:.0f} "
+            "µs of mapping and accounting per span). Every GIL hand-off the tick needs (it wakes 8 GPU workers "
+            "in turn and waits for each) can wait a 1 ms switch interval behind them, and a full garbage "
+            "collection of the agent's heap holds the GIL for tens of ms. Less span CPU (the accountant's "
+            "share first), fewer hand-offs per tick, or gc.freeze() of the start-up heap would each shorten it.")))
     for label in ("quiet", "flood"):
         item = jitter[label]
         section.notes.append(f"jitter {label}: {item['ticks']} ticks, max lateness {item['max'] * 1000:.1f} ms, "
@@ -205,5 +263,5 @@ def run(seconds: float = 10.0, spans_per_request: int = 512, jitter_seconds: flo
 
 
 def quick_kwargs() -> dict:
-    return {"seconds": 3.0, "jitter_seconds": 5.0}
+    return {"seconds": 3.0, "jitter_seconds": 5.0, "stage_batches": 16}
 

@@ -2,7 +2,7 @@
 
 The sender runs in its own process (multiprocessing, spawn: the parent may already run gRPC
 threads, which do not survive fork) so that its CPU is not charged to the agent being measured.
-Each request is re-timed and given fresh span ids before it is sent (see _renewed); that encoding
+Each request is re-timed and given fresh span ids before it is sent (see renewed); that encoding
 costs the sender ~1 ms per 512 spans, in its own process, far below what the agent takes to decode.
 """
 
@@ -110,7 +110,7 @@ def flood(protocol: str, address: str, bodies: list[bytes], spans_per_body: int,
     started = time.perf_counter()
     try:
         while time.perf_counter() - started < seconds:
-            outcome = sender.send(_renewed(templates[result.requests % len(templates)], result.requests))
+            outcome = sender.send(renewed(templates[result.requests % len(templates)], result.requests))
             result.requests += 1
             if outcome == "ok":
                 result.accepted_spans += spans_per_body
@@ -137,7 +137,7 @@ def paced(protocol: str, address: str, spans_per_second: float, spans_per_reques
     next_send = started
     try:
         while time.perf_counter() - started < seconds and not (stop_event and stop_event.is_set()):
-            outcome = sender.send(_renewed(templates[result.requests % len(templates)], result.requests))
+            outcome = sender.send(renewed(templates[result.requests % len(templates)], result.requests))
             result.requests += 1
             if outcome == "ok":
                 result.accepted_spans += spans_per_request
@@ -153,7 +153,7 @@ def paced(protocol: str, address: str, spans_per_second: float, spans_per_reques
     return result
 
 
-def _renewed(request: ExportTraceServiceRequest, serial: int) -> bytes:
+def renewed(request: ExportTraceServiceRequest, serial: int) -> bytes:
     """The request as new spans, serialised: the newest ending now (the agent refuses spans older
     than its retention) and span ids never sent before (the agent counts a span id once, so
     re-sending the same spans would measure its duplicate check instead of its accounting)."""
