@@ -7,11 +7,12 @@ hands them to the sink (the lead's mapper/accountant, which takes locks and may 
    safe on the network thread, and it is the only way to answer with an exact
    partial_success.rejected_spans (OTLP wants it in the response, not later).
  - The queue is bounded twice: in requests (queue_size) and in windows (max_queued_windows).
-   A window takes about as much memory as the protobuf span it came from (~180 bytes, two per
-   vLLM span), so queue_size full requests could hold queue_size × max_request_bytes of windows
-   (1 GiB by default); the window bound keeps that at ~12 MiB. It also bounds what the garbage
-   collector has to walk: every queued window is a tracked object, and a full collection over the
-   262,144 windows of 256 queued 512-span requests held the GIL for ~100 ms, which the tick felt.
+   A vLLM span's two windows take about as much memory as its protobuf (~240 bytes each with
+   their key and numbers), so queue_size full requests could hold queue_size × max_request_bytes
+   of windows (1 GiB by default); the window bound keeps that near 8 MiB. It also bounds what
+   the garbage collector walks: every queued window is a tracked object, and a full collection
+   with the 262,144 windows of 256 queued 512-span requests took 75-100 ms holding the GIL,
+   which the tick felt.
  - The sink is what can stall; keeping it off the network threads is what keeps answers fast.
 Counters are committed only when a request is accepted: a refused request will be retried by
 its sender and must not be counted twice.
@@ -49,8 +50,8 @@ SINK_ERROR = "sink_error"
 
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 DEFAULT_QUEUE_SIZE = 256
-# ~12 MiB of windows, 64 requests of 512 vLLM spans, a few seconds of the accountant's work.
-DEFAULT_MAX_QUEUED_WINDOWS = 65_536
+# ~8 MiB of windows: 32 requests of 512 vLLM spans, a few seconds of the accountant's work.
+DEFAULT_MAX_QUEUED_WINDOWS = 32_768
 RETRY_AFTER_SECONDS = 1  # a full queue drains within seconds (DEFAULT_MAX_QUEUED_WINDOWS); retry soon
 
 Sink = Callable[[list[PhaseWindow]], None]
