@@ -1,15 +1,25 @@
 """The sampling loop: reads every GPU each tick and publishes an immutable Snapshot.
 
-Why one worker thread per GPU: NVML calls can hang (a GPU falling off the bus, a driver in
-trouble). With a thread per GPU a hung call stalls only that GPU; the tick still publishes on
-time with the other GPUs' fresh readings, and the hung GPU turns `gpu_up 0` once its reading is
-older than `sample.timeout`. ctypes releases the GIL during the NVML call, so a hang costs nothing.
-The workers are started one after another rather than all at once (HANDOFF_WAIT): readers running
-together mostly fight over the GIL, which each ctypes call releases and takes back (measured by
-benchmarks/sampling.py, see docs/performance.md).
+Why the GPUs are read one after another on one reader thread: a thread hand-off (wake a thread,
+be woken when it is done) cost about a hundred microseconds of CPU here, half of what reading a
+GPU through NVML costs, so there is one per tick rather than one per GPU (eight per tick cost
+more than the whole backend's Python); and readers running at once mostly fight over the GIL,
+which each ctypes call releases and takes back (measured by benchmarks/sampling.py, see
+docs/performance.md).
 
-Why readings are resolved and published on the tick thread: process-label resolution and the
-subscribers (phase accountant, span mapper) then see one thread only, in tick order.
+Why a slow reading moves the other GPUs to another thread: NVML calls can hang (a GPU falling off
+the bus, a driver in trouble). When the reading in progress has run longer than OVERRUN_WAIT, the
+tick leaves that reader blocked in NVML and hands the GPUs still queued to another reader (an idle
+one, or a new thread). A hung GPU so keeps a thread of its own until its call returns; it is not
+queued again meanwhile, and once its reading is older than `sample.timeout` it shows `gpu_up 0`.
+The reader that was stuck then takes from the queue again or waits with the others, so there are
+about as many readers as GPUs ever hung at once, plus one. ctypes releases the GIL during the NVML call,
+so a hang costs nothing. A GPU whose last reading overran is read after the others.
+
+Why samples are published on the tick thread: the subscribers (phase accountant, span mapper)
+then see one thread only, in tick order. The reader makes each reading into its sample, process
+labels included (ProcessResolver is thread-safe), right after reading it: there its objects are
+still in the reader's CPU cache, and the tick's CPU was about 3% lower than with the tick doing it.
 """
 
 from __future__ import annotations
@@ -17,8 +27,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections import deque
+from queue import Empty, SimpleQueue
+from typing import Callable, NamedTuple, Sequence
 
 from agent.backends import Backend, GpuLost
 from agent.snapshot import GpuIdentity, GpuReading, GpuSample, Snapshot
@@ -29,84 +40,60 @@ log = logging.getLogger(__name__)
 # A lost GPU is retried after 1, 2, 4 ... seconds, at most once a minute.
 BACKOFF_START = 1.0
 BACKOFF_MAX = 60.0
-# The tick starts the GPUs' readings one after another; a reading that takes longer than this
-# (seconds) no longer delays the next GPU's (see Sampler.tick).
-HANDOFF_WAIT = 0.05
+# A GPU reading that takes longer than this (seconds; less when the interval is short, see
+# Sampler.tick) no longer delays the GPUs queued after it: they move to another reader thread.
+OVERRUN_WAIT = 0.05
 
 
-@dataclass
-class _Result:
-    """The newest outcome of one GPU's worker (mutable, owned by the worker; read under the lock)."""
+class _Result(NamedTuple):
+    """The newest outcome of one GPU's reading (replaced whole: a tuple, the cheapest to build)."""
 
-    reading: GpuReading | None = None
-    completed_at: float = 0.0  # wall clock when the reading finished
+    sample: GpuSample | None = None  # the good reading, as published
     error: str = ""  # "lost", "failed", or "" for a good reading
     seq: int = 0  # increments per completed attempt so the tick can tell fresh from stale
 
 
-class _GpuWorker:
-    """Reads one GPU whenever the tick asks; recovers a lost GPU with exponential backoff."""
+class _Gpu:
+    """One GPU's reading state; recovers a lost GPU with exponential backoff.
+
+    The tick sets `pending` and queues the GPU; the reader that takes it sets `started`, then
+    `result`, `slow`, and clears `started` and `pending`, in that order: the tick reads them
+    without a lock (each is one reference) and a result it sees with `pending` clear is the
+    newest. `attempt()` so runs on one reader at a time: a GPU is not queued again while pending.
+    """
 
     def __init__(self, backend: Backend, identity: GpuIdentity, clock: Callable[[], float],
-                 finished: threading.Condition):
+                 to_sample: Callable[[GpuIdentity, GpuReading, float], GpuSample]):
         self.identity = identity
-        self._finished = finished  # notified after every attempt, so the tick waits without polling
         self._backend = backend
         self._clock = clock
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._busy_since: float | None = None
-        self._result = _Result()
+        self._to_sample = to_sample
+        self.pending = False  # queued or being read
+        # Monotonic start of the reading in progress (hang detection must not depend on the wall
+        # clock, which can jump).
+        self.started: float | None = None
+        self.slow = False  # the last reading overran: queue it after the others
+        self.result = _Result()
+        # The tick's own: the newest result it has taken, and the newest good sample.
+        self.seen_seq = 0
+        self.last_good: GpuSample | None = None
         self._lost = False
         self._next_recovery = 0.0
         self._backoff = BACKOFF_START
-        self._thread = threading.Thread(target=self._run, name=f"gpu{identity.index}-sampler", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
+    def read(self) -> None:
+        """One attempt, made into its sample (see the module's docstring for why here)."""
+        reading, error = self.attempt()
+        sample = None
+        if reading is not None:
+            try:
+                sample = self._to_sample(self.identity, reading, self._clock())
+            except Exception:  # a bug labelling processes must not kill the reader
+                log.exception("making the sample of GPU %d failed", self.identity.index)
+                error = "failed"
+        self.result = _Result(sample, error, self.result.seq + 1)
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-
-    def request(self) -> bool:
-        """Ask for a reading. False if the previous one is still running (an overrun)."""
-        with self._lock:
-            if self._busy_since is not None:
-                return False
-            self._busy_since = time.monotonic()
-        self._wake.set()
-        return True
-
-    def busy(self) -> bool:
-        with self._lock:
-            return self._busy_since is not None
-
-    def busy_for(self) -> float:
-        """Seconds the current reading has been running (monotonic: hang detection must not depend
-        on the wall clock, which can jump); 0 when idle."""
-        with self._lock:
-            return 0.0 if self._busy_since is None else time.monotonic() - self._busy_since
-
-    def result(self) -> _Result:
-        with self._lock:
-            return self._result
-
-    def _run(self) -> None:
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            reading, error = self._attempt()
-            with self._lock:
-                self._result = _Result(reading, self._clock(), error, self._result.seq + 1)
-                self._busy_since = None
-            with self._finished:
-                self._finished.notify_all()
-
-    def _attempt(self) -> tuple[GpuReading | None, str]:
+    def attempt(self) -> tuple[GpuReading | None, str]:
         index = self.identity.index
         if self._lost:
             if self._clock() < self._next_recovery:
@@ -117,7 +104,7 @@ class _GpuWorker:
                 self._next_recovery = self._clock() + self._backoff
                 self._backoff = min(self._backoff * 2, BACKOFF_MAX)
                 return None, "lost"
-            except Exception:  # a bug or an odd driver state must not kill the worker
+            except Exception:  # a bug or an odd driver state must not kill the reader
                 log.exception("recovering GPU %d failed", index)
                 return None, "lost"
             log.warning("GPU %d (%s) is back", index, self.identity.uuid)
@@ -133,6 +120,124 @@ class _GpuWorker:
         except Exception:
             log.exception("reading GPU %d failed", index)
             return None, "failed"
+
+
+class _Readers:
+    """The reader threads and the queue of GPUs they read, one GPU at a time each.
+
+    Normally one reader is awake per tick and reads every queued GPU. The tick itself watches for
+    overruns (it waits with a timeout; readers do not report each GPU), so a tick in which nothing
+    is slow costs one wake-up of a reader and one of the tick. There is no lock: the queue and the
+    idle list are deques, whose appends and pops are atomic, wake-ups go through SimpleQueues (in
+    C, one lock each), and a reader owns a GPU's fields while it is taken (see _Gpu). A race costs
+    at most a wasted wake-up or one more reader thread, never a GPU read twice at once or a lost
+    GPU. threading.Condition, whose woken side wakes again for the lock the waker still holds,
+    cost about a third more CPU per tick here.
+    """
+
+    def __init__(self) -> None:
+        self._queue: deque[_Gpu] = deque()
+        self._gpus: Sequence[_Gpu] = ()
+        self._idle: deque[SimpleQueue[None]] = deque()  # the wake-up queues of readers with nothing to do
+        self._woken_at: float | None = None  # when a reader was last woken or started, until one takes a GPU
+        self._threads = 0
+        self._overrun_wait = OVERRUN_WAIT
+        self._stopped = False
+        self._done: SimpleQueue[None] = SimpleQueue()  # "the queue may be read": the tick looks again
+
+    def read(self, gpus: Sequence[_Gpu], deadline: float, overrun_wait: float) -> int:
+        """Queue every GPU not still pending from an earlier tick (those that last overran at the end)
+        and wait until the queue is read or the monotonic deadline. Returns how many GPUs were still
+        pending. Called by one thread at a time (the tick).
+
+        Kept short: it runs first after the tick's sleep, when every line costs several times what
+        it costs warm, and the reader it wakes has to wait for it."""
+        if not self._done.empty():  # left by a reader that finished after the previous tick
+            while not self._done.empty():
+                self._done.get_nowait()
+        self._gpus, self._overrun_wait = gpus, overrun_wait
+        requested = [gpu for gpu in gpus if not gpu.pending]
+        if len(requested) < len(gpus) or any(gpu.slow for gpu in requested):
+            requested.sort(key=_slow_last)
+        for gpu in requested:
+            gpu.pending = True
+        self._queue.extend(requested)
+        if requested and len(requested) == len(gpus):  # no GPU is being read: no reader is busy
+            self._wake_reader(time.monotonic())
+        self._wait(requested, deadline)
+        return len(gpus) - len(requested)
+
+    def stop(self) -> None:
+        self._stopped = True
+        while self._idle:
+            self._idle.popleft().put(None)
+        self._done.put(None)
+
+    def _wait(self, requested: Sequence[_Gpu], deadline: float) -> None:
+        """Until the queue is empty and the requested GPUs are read, stop(), or the deadline; hands
+        the queue to another reader whenever no reader is moving it on: none started a GPU, or was
+        woken, in the last overrun wait."""
+        wait = self._overrun_wait
+        while not self._stopped:
+            queued = bool(self._queue)
+            if not queued and not any(gpu.pending for gpu in requested):
+                return
+            now = time.monotonic()
+            if now >= deadline:
+                return
+            wake = deadline
+            if queued:
+                last = self._woken_at
+                if last is None or now - last >= wait:
+                    starts = [started for started in (gpu.started for gpu in self._gpus) if started is not None]
+                    if starts and (last is None or max(starts) > last):
+                        last = max(starts)
+                if last is None or now - last >= wait:
+                    self._wake_reader(now)
+                    last = now
+                wake = min(wake, last + wait)
+            try:
+                self._done.get(timeout=wake - now)
+            except Empty:
+                pass
+
+    def _wake_reader(self, now: float) -> None:
+        self._woken_at = now
+        try:
+            self._idle.pop().put(None)  # the reader idle for the shortest time: its memory is warmest
+        except IndexError:
+            self._threads += 1
+            threading.Thread(target=self._run, name=f"gpu-reader-{self._threads}", daemon=True).start()
+
+    def _run(self) -> None:
+        wake_up: SimpleQueue[None] = SimpleQueue()
+        queue = self._queue
+        has_read = False  # since it last waited
+        while not self._stopped:
+            try:
+                gpu = queue.popleft()
+            except IndexError:
+                # Idle before the tick hears that the queue is read: a tick that follows at once
+                # then finds this reader idle instead of starting another.
+                self._idle.append(wake_up)
+                if has_read:
+                    self._done.put(None)  # perhaps the last GPU the tick waits for
+                    has_read = False
+                if self._stopped:  # stop() may have woken the idle readers before this one was one
+                    return
+                wake_up.get()  # a wake-up is only a hint to look at the queue again
+                continue
+            gpu.started = started = time.monotonic()
+            self._woken_at = None
+            gpu.read()
+            gpu.slow = time.monotonic() - started > self._overrun_wait
+            gpu.started = None
+            gpu.pending = False
+            has_read = True
+
+
+def _slow_last(gpu: _Gpu) -> bool:
+    return gpu.slow
 
 
 def _notify(listeners, item) -> None:
@@ -168,28 +273,24 @@ class Sampler:
         self._on_sample = list(on_sample)
         self._on_snapshot = list(on_snapshot)
         self._clock = clock
-        self._workers: list[_GpuWorker] = []
-        self._seen_seq: dict[int, int] = {}
-        self._last_good: dict[int, GpuSample] = {}
+        self._gpus: list[_Gpu] = []
+        self._readers = _Readers()
         self._latest: Snapshot | None = None
         self._ticks = 0
         self._overruns = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
-        self._finished = threading.Condition()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, run_loop: bool = True) -> list[GpuIdentity]:
         """Discover GPUs (raises BackendUnavailable) and start sampling in the background.
 
-        run_loop=False starts only the GPU workers: the caller drives `tick()` itself (golden files
-        and benchmarks, where time must be under the caller's control).
+        run_loop=False only discovers: the caller drives `tick()` itself (golden files and
+        benchmarks, where time must be under the caller's control).
         """
         identities = self._backend.discover()
-        self._workers = [_GpuWorker(self._backend, identity, self._clock, self._finished) for identity in identities]
-        for worker in self._workers:
-            worker.start()
+        self._gpus = [_Gpu(self._backend, identity, self._clock, self._to_sample) for identity in identities]
         if run_loop:
             self._thread = threading.Thread(target=self._loop, name="sampler", daemon=True)
             self._thread.start()
@@ -197,10 +298,7 @@ class Sampler:
 
     def stop(self) -> None:
         self._stop.set()
-        with self._finished:
-            self._finished.notify_all()
-        for worker in self._workers:
-            worker.stop()
+        self._readers.stop()
         if self._thread:
             self._thread.join(timeout=self._interval + 1)
 
@@ -235,72 +333,50 @@ class Sampler:
             self._stop.wait(next_tick - now)
 
     def tick(self) -> Snapshot:
-        """One round: ask every idle worker for a reading, wait for them within the interval, publish."""
+        """One round: read every GPU that is not still busy, within 80% of the interval, and publish."""
         started = time.monotonic()
-        deadline = started + self._interval * 0.8
-        handoff = min(HANDOFF_WAIT, self._interval * 0.8 / max(1, len(self._workers)))
-        requested = []
-        for worker in self._workers:
-            if not worker.request():
-                continue
-            requested.append(worker)
-            # One GPU at a time: eight workers in NVML at once contend for the GIL at every ctypes
-            # call, which cost more CPU than the readings themselves. A GPU slower than the hand-off
-            # wait (a hung one) no longer holds up the next: from then on they overlap.
-            self._wait_for(lambda: not worker.busy(), min(deadline, time.monotonic() + handoff))
-        if len(requested) < len(self._workers):
+        budget = self._interval * 0.8
+        # However many GPUs are slow, each of them starts within the budget.
+        overrun_wait = min(OVERRUN_WAIT, budget / max(1, len(self._gpus)))
+        if self._readers.read(self._gpus, started + budget, overrun_wait):
             self._overruns += 1
-        self._wait_for(lambda: not any(w.busy() for w in requested), deadline)
-        now = self._clock()
-        samples = tuple(self._sample_for(worker, now) for worker in self._workers)
+        now, now_monotonic = self._clock(), time.monotonic()
+        samples = []
         # Complete once every GPU has answered or been given up on: a GPU hung at start-up must
         # not keep the agent unready forever (it shows as gpu_up 0 instead).
-        complete = all(
-            worker.identity.index in self._seen_seq or worker.busy_for() > self._timeout
-            for worker in self._workers
-        )
-        snapshot = Snapshot(now, samples, complete, time.monotonic() - started)
+        complete = True
+        for gpu in self._gpus:
+            reading_started = gpu.started  # read before the result, which may then be newer
+            busy_for = 0.0 if reading_started is None else now_monotonic - reading_started
+            samples.append(self._sample_for(gpu, busy_for, now))
+            if complete and not gpu.seen_seq and busy_for <= self._timeout:
+                complete = False
+        snapshot = Snapshot(now, tuple(samples), complete, time.monotonic() - started)
         self._latest = snapshot
         self._ticks += 1
-        if complete:
+        if complete and not self._ready.is_set():
             self._ready.set()
         _notify(self._on_snapshot, snapshot)
         return snapshot
 
-    def _wait_for(self, done: Callable[[], bool], deadline: float) -> None:
-        """Until done() (checked whenever a worker finishes), stop(), or the monotonic deadline."""
-        with self._finished:
-            self._finished.wait_for(lambda: self._stop.is_set() or done(),
-                                    timeout=max(0.0, deadline - time.monotonic()))
-
-    def _sample_for(self, worker: _GpuWorker, now: float) -> GpuSample:
-        index = worker.identity.index
-        result = worker.result()
-        fresh = result.seq != self._seen_seq.get(index, 0) if result.seq else False
-        if fresh:
-            self._seen_seq[index] = result.seq
-            if result.reading is not None:
-                sample = self._to_sample(worker.identity, result)
-                self._last_good[index] = sample
-                _notify(self._on_sample, sample)
+    def _sample_for(self, gpu: _Gpu, busy_for: float, now: float) -> GpuSample:
+        result = gpu.result
+        if result.seq != gpu.seen_seq:  # a fresh result
+            gpu.seen_seq = result.seq
+            sample = result.sample
+            if sample is not None:
+                gpu.last_good = sample
+                if self._on_sample:
+                    _notify(self._on_sample, sample)
                 return sample
-        last_good = self._last_good.get(index)
-        hung = worker.busy_for() > self._timeout
-        if result.error or hung or last_good is None:
-            return GpuSample(worker.identity, up=False, timestamp=now,
+        last_good = gpu.last_good
+        if result.error or busy_for > self._timeout or last_good is None:
+            return GpuSample(gpu.identity, up=False, timestamp=now,
                              last_success=last_good.last_success if last_good else 0.0)
         return last_good  # slow but within sample.timeout: the previous reading stands
 
-    def _to_sample(self, identity: GpuIdentity, result: _Result) -> GpuSample:
-        reading = result.reading
+    def _to_sample(self, identity: GpuIdentity, reading: GpuReading, completed_at: float) -> GpuSample:
+        """A good reading as published; runs on a reader (see _Gpu.read)."""
         processes = self._resolve(identity, reading.processes) if self._resolve and reading.processes else ()
-        return GpuSample(
-            identity=identity,
-            up=True,
-            timestamp=result.completed_at,
-            values=reading.values,
-            labelled=reading.labelled,
-            processes=processes,
-            mig=reading.mig,
-            last_success=result.completed_at,
-        )
+        return GpuSample(identity, True, completed_at, reading.values, reading.labelled, processes, reading.mig,
+                         completed_at)

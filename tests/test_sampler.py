@@ -1,4 +1,5 @@
-"""The sampler against a scripted backend: isolation of lost and hung GPUs, readiness, staleness."""
+"""The sampler against a scripted backend and the fake NVML: isolation of lost and hung GPUs,
+which thread reads what, readiness, staleness."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import time
 import pytest
 
 from agent.backends import GpuLost
+from agent.backends.nvml import NvmlBackend
+from agent.config import Config
 from agent.sampler import Sampler
 from agent.snapshot import GpuIdentity, GpuReading, ProcessReading
+from tests.fakenvml import FakeNvml
 
 
 class ScriptedBackend:
@@ -21,11 +25,13 @@ class ScriptedBackend:
         self.hang: dict[int, threading.Event] = {}
         self.reads = [0] * gpus
         self.recover_calls = [0] * gpus
+        self.calls: list[tuple[int, str]] = []  # (GPU, reading thread) of every read, in call order
 
     def discover(self):
         return list(self.identities)
 
     def read(self, index):
+        self.calls.append((index, threading.current_thread().name))
         if index in self.hang:
             self.hang[index].wait()
         if index in self.lost:
@@ -48,7 +54,6 @@ class ScriptedBackend:
 
 def make(backend, **kw):
     sampler = Sampler(backend, interval=kw.pop("interval", 0.1), timeout=kw.pop("timeout", 0.3), **kw)
-    sampler._workers = []  # started explicitly in each test through start()
     return sampler
 
 
@@ -188,3 +193,103 @@ def test_unexpected_read_error_marks_down_but_worker_survives(exc):
         assert wait_for(lambda: sampler.latest().gpu(0).up)
     finally:
         sampler.stop()
+
+
+def ticks_reading(sampler, backend, ticks):
+    """Drive `ticks` ticks by hand; the (GPU, thread) of each read each one made."""
+    rounds = []
+    for _ in range(ticks):
+        before = len(backend.calls)
+        sampler.tick()
+        rounds.append(backend.calls[before:])
+    return rounds
+
+
+def test_one_reader_thread_reads_every_gpu_in_turn():
+    backend = ScriptedBackend(4)
+    sampler = make(backend, interval=1.0, timeout=5.0)
+    sampler.start(run_loop=False)
+    try:
+        rounds = ticks_reading(sampler, backend, 5)
+    finally:
+        sampler.stop()
+    assert all([index for index, _thread in calls] == [0, 1, 2, 3] for calls in rounds), rounds
+    threads = {thread for calls in rounds for _index, thread in calls}
+    assert len(threads) == 1 and threading.current_thread().name not in threads, threads
+
+
+def test_gpus_queued_behind_a_hung_one_move_to_another_reader_and_it_is_read_last_after():
+    backend = ScriptedBackend(4)
+    release = threading.Event()
+    backend.hang[1] = release
+    sampler = make(backend, interval=1.0, timeout=2.0)
+    sampler.start(run_loop=False)
+    try:
+        first = ticks_reading(sampler, backend, 1)[0]
+        assert [index for index, _thread in first] == [0, 1, 2, 3]
+        stuck = first[1][1]
+        assert first[0][1] == stuck and {thread for _index, thread in first[2:]} - {stuck}, first
+        snapshot = sampler.latest()
+        assert [s.up for s in snapshot.gpus] == [True, False, True, True]
+
+        # While GPU 1 is stuck in its call it is not queued again; the others are read every tick.
+        for _ in range(3):
+            previous = sampler.latest()
+            [calls] = ticks_reading(sampler, backend, 1)
+            assert [index for index, _thread in calls] == [0, 2, 3]
+            assert all(sampler.latest().gpu(index).timestamp > previous.gpu(index).timestamp for index in (0, 2, 3))
+        assert sampler.stats().overruns == 3
+
+        del backend.hang[1]
+        release.set()
+        assert wait_for(lambda: backend.reads[1] == 1)  # the hung call returned on its own thread
+        after = ticks_reading(sampler, backend, 2)
+        assert [index for index, _thread in after[0]] == [0, 2, 3, 1], "the GPU that overran goes last"
+        assert [index for index, _thread in after[1]] == [0, 1, 2, 3], "and back in turn once it is quick"
+        assert sampler.latest().gpu(1).up
+        # The reader that was stuck serves again: no thread was started after the hang.
+        readers = {thread for _index, thread in backend.calls}
+        assert len(readers) == 2, readers
+    finally:
+        release.set()
+        sampler.stop()
+
+
+@pytest.fixture
+def fake(fake_nvml_library, tmp_path):
+    with FakeNvml(fake_nvml_library, tmp_path).activate() as fake:
+        fake.control(gpus=4)
+        yield fake
+
+
+def test_gpu_hung_in_nvml_leaves_the_others_fresh_every_tick_and_comes_back(fake):
+    backend = NvmlBackend(Config(), event_wait_ms=50)
+    sampler = Sampler(backend, interval=0.5, timeout=1.0)
+    sampler.start(run_loop=False)
+    healthy = (0, 2, 3)
+    try:
+        sampler.tick()
+        fake.control({"gpu1.hang.nvmlDeviceGetFieldValues": 300})  # far longer than the test
+        calls = fake.call_count("nvmlDeviceGetFieldValues")
+        previous = sampler.tick()
+        assert fake.call_count("nvmlDeviceGetFieldValues") == calls + 4  # GPU 1 is inside its call
+        ticks, give_up = 0, time.monotonic() + 60
+        while previous.gpu(1).up:  # until its reading is older than sample.timeout
+            assert time.monotonic() < give_up, "the hung GPU never turned down"
+            time.sleep(0.05)
+            snapshot = sampler.tick()
+            for index in healthy:
+                assert snapshot.gpu(index).up and snapshot.gpu(index).timestamp > previous.gpu(index).timestamp
+            previous = snapshot
+            ticks += 1
+        assert previous.gpu(1).values == {} and previous.complete
+        # Still inside the first call: it was never asked again.
+        assert fake.call_count("nvmlDeviceGetFieldValues") == calls + 4 + 3 * ticks
+
+        fake.control({"gpu1.hang.nvmlDeviceGetFieldValues": None})
+        assert wait_for(lambda: sampler.tick().gpu(1).up)
+        assert all(sampler.latest().gpu(index).up for index in healthy)
+    finally:
+        fake.control({"gpu1.hang.nvmlDeviceGetFieldValues": None})
+        sampler.stop()
+        backend.close()
