@@ -13,7 +13,7 @@ import time
 import pynvml
 import pytest
 
-from agent.backends import BackendUnavailable, GpuLost
+from agent.backends import BackendUnavailable, GpuLost, nvml
 from agent.backends.nvml import NvmlBackend
 from agent.config import Config
 from tests.fakenvml import FakeNvml
@@ -87,6 +87,33 @@ def read_with_gpm(backend, index):
 ])
 def test_fake_struct_layouts_match_pynvml(fake, c_name, ctypes_struct):
     assert fake.sizeof(c_name) == ctypes.sizeof(ctypes_struct)
+
+
+@pytest.mark.parametrize("value_type, member, value", [
+    (pynvml.NVML_VALUE_TYPE_DOUBLE, "dVal", -2.5),
+    (pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, "uiVal", 0xFFFF_FFFE),
+    (pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG, "ulVal", 123456789),
+    (pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, "ullVal", 2**64 - 3),
+    (pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG, "sllVal", -(2**62)),
+    (pynvml.NVML_VALUE_TYPE_SIGNED_INT, "siVal", -7),
+    (pynvml.NVML_VALUE_TYPE_UNSIGNED_SHORT, "usVal", 65535),
+])
+@pytest.mark.parametrize("stale", [0, 0xFFFF_FFFF_FFFF_FFFF])  # the union's bytes before the driver's answer
+def test_field_answers_decode_every_value_type_from_the_driver_layout(value_type, member, value, stale):
+    """The field-values answer is unpacked in one go rather than read member by member: each
+    value type must come out as pynvml's union reads it, whatever the union's other bytes hold."""
+    request = nvml._FieldRequest(nvml._FIELDS[:2])
+    entries = (pynvml.c_nvmlFieldValue_t * 2).from_buffer(request._entries)  # as the driver sees them
+    for entry, status in zip(entries, (pynvml.NVML_SUCCESS, pynvml.NVML_ERROR_NOT_SUPPORTED)):
+        entry.value.ullVal = stale
+        setattr(entry.value, member, value)
+        entry.valueType, entry.nvmlReturn = value_type, status
+
+    answers = request._unpack(request._entries)
+
+    assert answers[0::3] == (value_type, value_type)
+    assert answers[1::3] == (pynvml.NVML_SUCCESS, pynvml.NVML_ERROR_NOT_SUPPORTED)
+    assert nvml._DECODE[value_type](answers[2]) == float(getattr(entries[0].value, member)) == float(value)
 
 
 def test_discover_reports_identity_of_every_gpu(backend):
