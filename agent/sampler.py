@@ -220,11 +220,13 @@ class _Readers:
                 # Idle before the tick hears that the queue is read: a tick that follows at once
                 # then finds this reader idle instead of starting another.
                 self._idle.append(wake_up)
-                if has_read:
-                    self._done.put(None)  # perhaps the last GPU the tick waits for
-                    has_read = False
                 if self._stopped:  # stop() may have woken the idle readers before this one was one
                     return
+                if has_read:
+                    has_read = False
+                    # Perhaps the last GPU the tick waits for. Told just before this thread lets
+                    # go of the GIL (in get()), which the woken tick then needs.
+                    self._done.put(None)
                 wake_up.get()  # a wake-up is only a hint to look at the queue again
                 continue
             gpu.started = started = time.monotonic()
