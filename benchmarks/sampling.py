@@ -2,18 +2,30 @@
 
 Both sides go through the real pynvml ctypes layer into tests/fakenvml's library, so the driver
 cost is the same small constant on both and the ratio isolates what the backend and the sampler
-add (error handling, probing, unit conversion, snapshots, one worker thread per GPU).
+add (error handling, probing, unit conversion, snapshots, the reader thread). One difference, on
+the backend's side: it sends nvmlDeviceGetFieldValues and nvmlDeviceGetTemperatureV requests it
+allocated once, rather than going through pynvml's wrappers, which build them on every call (see
+agent/backends/nvml.py, _FieldRequest); the bare loop uses pynvml as a script would. The same
+NVML functions are called as often on both sides.
 
-Rounds are paced 100 ms apart, as NVML wants for GPM samples: the backend skips a GPM read that
-comes sooner, and the baseline must do exactly the same calls. CPU is process time (all threads:
-the per-GPU workers and the XID watcher are part of the agent's cost); wall is perf_counter.
+The four workloads take turns, each every PACE seconds, spread evenly over it: load from other
+processes that changes during the run then falls on all of them alike (they ran one after
+another before, 10 s each, and the ratios moved by a tenth between runs), and each starts after
+the same idle gap. PACE is a little over the 100 ms NVML wants between GPM samples: the backend
+skips a GPM read that comes sooner, so with rounds exactly 100 ms apart sleep jitter made it skip
+about four rounds in ten, which the bare loop never does. The NVML calls each side makes are
+counted by the fake library (over a few more rounds, untimed) and compared in the notes. CPU is
+process time (all threads: the reader thread and the XID watcher are part of the agent's cost);
+wall is perf_counter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import pynvml
 
@@ -26,8 +38,16 @@ from benchmarks.results import Figure, Section
 from tests.fakenvml import FakeNvml, build_fake_nvml
 
 GPUS = 8
-PACE = 0.1  # seconds between rounds: GPM's minimum sample spacing
+PACE = 0.105  # seconds between one workload's rounds: GPM's minimum sample spacing, plus jitter
 GOAL = 1.3
+CALL_ROUNDS = 5  # rounds over which the NVML calls are counted, after the timed ones
+# The NVML functions of one bare round, counted by the fake library for every workload.
+COUNTED_CALLS = (
+    "nvmlDeviceGetUtilizationRates", "nvmlDeviceGetMemoryInfo", "nvmlDeviceGetTemperatureV",
+    "nvmlDeviceGetFieldValues", "nvmlDeviceGetClockInfo", "nvmlDeviceGetCurrentClocksEventReasons",
+    "nvmlGpmSampleGet", "nvmlGpmMetricsGet", "nvmlDeviceGetComputeRunningProcesses_v3",
+    "nvmlDeviceGetProcessUtilization",
+)
 
 
 def fake_control(gpus: int = GPUS) -> dict:
@@ -108,78 +128,84 @@ class NullBackend:
         pass
 
 
-def _sampler_rounds(backend, rounds: int) -> tuple[list[float], list[float]]:
-    sampler = Sampler(backend, interval=1.0, timeout=5.0)
-    sampler.start(run_loop=False)
-    try:
-        sampler.tick()
-        return _paced(rounds, sampler.tick)
-    finally:
-        sampler.stop()
-
-
-def _paced(rounds: int, work) -> tuple[list[float], list[float]]:
-    """(cpu seconds, wall seconds) of each of `rounds` calls of work(), started PACE apart."""
-    cpu, wall = [], []
-    next_round = time.monotonic()
+def _interleaved(rounds: int, works: dict[str, Callable[[], object]]) -> dict[str, tuple[list[float], list[float]]]:
+    """For each work, (cpu seconds, wall seconds) of each of `rounds` calls: each call PACE after the
+    previous one of the same work, the works spread evenly over PACE."""
+    out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in works}
+    slot = PACE / len(works)
+    next_start = time.monotonic()
     for _ in range(rounds):
-        time.sleep(max(0.0, next_round - time.monotonic()))
-        next_round += PACE
-        c0, w0 = time.process_time(), time.perf_counter()
-        work()
-        cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - w0)
-    return cpu, wall
+        for name, work in works.items():
+            time.sleep(max(0.0, next_start - time.monotonic()))
+            next_start += slot
+            c0, w0 = time.process_time(), time.perf_counter()
+            work()
+            out[name][0].append(time.process_time() - c0)
+            out[name][1].append(time.perf_counter() - w0)
+    return out
 
 
-def measure(rounds: int, directory: Path) -> dict[str, tuple[list[float], list[float]]]:
+def _calls_per_round(works: dict[str, Callable[[], object]], fake: FakeNvml) -> dict[str, dict[str, float]]:
+    """The NVML calls of COUNTED_CALLS each work makes per round, from the fake's counters, over
+    CALL_ROUNDS rounds paced as the timed ones (counting inside those would disturb their timing)."""
+    totals: dict[str, dict[str, float]] = {name: dict.fromkeys(COUNTED_CALLS, 0.0) for name in works}
+
+    def counted(name: str, work: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            before = [fake.call_count(function) for function in COUNTED_CALLS]
+            work()
+            for function, count in zip(COUNTED_CALLS, before):
+                totals[name][function] += (fake.call_count(function) - count) / CALL_ROUNDS
+        return run
+
+    time.sleep(PACE)  # a full PACE after the timed rounds, lest the first GPM read come too soon
+    _interleaved(CALL_ROUNDS, {name: counted(name, work) for name, work in works.items()})
+    return totals
+
+
+def measure(rounds: int, directory: Path) -> tuple[dict[str, tuple[list[float], list[float]]], dict]:
+    """The timed rounds of each workload, and the NVML calls each made per round."""
     library = build_fake_nvml(directory / "build")
-    out = {}
-    with FakeNvml(library, directory / "run").activate() as fake:
+    with FakeNvml(library, directory / "run").activate() as fake, contextlib.ExitStack() as cleanup:
         fake.control(fake_control())
         pynvml.nvmlInit()
-        try:
-            bare = BarePynvml(GPUS)
-            time.sleep(PACE)
-            out["bare"] = _paced(rounds, bare.tick)
-            bare.close()
-        finally:
-            pynvml.nvmlShutdown()
+        cleanup.callback(pynvml.nvmlShutdown)
+        bare = BarePynvml(GPUS)
+        cleanup.callback(bare.close)
 
         backend = NvmlBackend(Config(), event_wait_ms=500)
+        cleanup.callback(backend.close)
         indices = [identity.index for identity in backend.discover()]
-        try:
-            def read_all() -> None:
-                for index in indices:
-                    backend.read(index)
-            read_all()
-            out["backend"] = _paced(rounds, read_all)
-        finally:
-            backend.close()
 
-        out["machinery"] = _sampler_rounds(NullBackend(GPUS), rounds)
-        backend = NvmlBackend(Config(), event_wait_ms=500)
-        sampler = Sampler(backend, interval=1.0, timeout=5.0)
-        sampler.start(run_loop=False)
-        try:
-            sampler.tick()
-            out["sampler"] = _paced(rounds, sampler.tick)
-        finally:
-            sampler.stop()
-            backend.close()
-    return out
+        def read_all() -> None:
+            for index in indices:
+                backend.read(index)
+
+        works: dict[str, Callable[[], object]] = {"bare": bare.tick, "backend": read_all}
+        for key, sampled in (("machinery", NullBackend(GPUS)), ("sampler", NvmlBackend(Config(), event_wait_ms=500))):
+            cleanup.callback(sampled.close)
+            sampler = Sampler(sampled, interval=1.0, timeout=5.0)
+            cleanup.callback(sampler.stop)
+            sampler.start(run_loop=False)
+            works[key] = sampler.tick
+        for work in works.values():  # the first GPM samples; MIG is listed on the first read
+            work()
+        time.sleep(PACE)
+        timed = _interleaved(rounds, works)
+        return timed, _calls_per_round({key: works[key] for key in ("bare", "backend", "sampler")}, fake)
 
 
 def run(rounds: int = 100) -> Section:
     with tempfile.TemporaryDirectory(prefix="gpuphase-bench-nvml-") as tmp:
-        data = measure(rounds, Path(tmp))
+        data, calls = measure(rounds, Path(tmp))
     bare_cpu = percentile(data["bare"][0], 50)
     section = Section(
         "sampling", "Sampling cost per tick, 8 GPUs (fake libnvidia-ml through pynvml)",
-        f"{rounds} rounds paced {PACE:g} s apart, each reading all 8 GPUs: the bare pynvml calls of one tick "
-        "(utilization, memory, temperature, one batched field-values call, 4 clocks, clock-event reasons, GPM "
-        "sample + metrics, running processes, process utilization), then `NvmlBackend.read()` for each GPU, "
-        "then `Sampler.tick()` (per-GPU worker threads, snapshot). Medians; CPU is process time.")
+        f"{rounds} rounds of four workloads taking turns, each every {PACE:g} s, each reading all 8 GPUs: the "
+        "bare pynvml calls of one tick (utilization, memory, temperature, one batched field-values call, 4 "
+        "clocks, clock-event reasons, GPM sample + metrics, running processes, process utilization), "
+        "`NvmlBackend.read()` for each GPU, `Sampler.tick()` (one reader thread, snapshot), and "
+        "`Sampler.tick()` over GPUs that answer at once. Medians; CPU is process time.")
     for key, title in (("backend", "NvmlBackend.read() × 8"), ("sampler", "Sampler.tick(), 8 GPUs")):
         cpu, wall = data[key]
         ratio = percentile(cpu, 50) / bare_cpu
@@ -198,20 +224,36 @@ def run(rounds: int = 100) -> Section:
     section.notes.append(f"The bare loop costs {bare_cpu / GPUS * 1e6:.0f} µs of CPU per GPU here, pynvml's "
                          "ctypes marshalling plus the fake's own work. A real driver adds microseconds to "
                          "milliseconds per call to both sides alike, so on real GPUs the ratio moves towards 1.")
+    section.notes.append(_calls_note(calls))
     return section
+
+
+def _calls_note(calls: dict[str, dict[str, float]]) -> str:
+    """Whether the backend and the tick made the bare loop's NVML calls, from the fake's counters."""
+    totals = ", ".join(f"{key} {sum(counted.values()):.2f}" for key, counted in calls.items())
+    differing = sorted(function for function in COUNTED_CALLS
+                       if len({round(counted.get(function, 0), 2) for counted in calls.values()}) > 1)
+    if not differing:
+        return f"NVML calls per round, counted by the fake library: {totals}; the same functions alike."
+    detail = "; ".join(f"{function}: " + ", ".join(f"{key} {counted.get(function, 0):.2f}"
+                                                  for key, counted in calls.items()) for function in differing)
+    return f"NVML calls per round, counted by the fake library: {totals}. They differ in {detail}."
 
 
 def _miss_note(key: str, machinery_cpu: float) -> str:
     if key == "backend":
-        return ("With a fake driver that answers in nanoseconds, the Python around the calls is all there is to "
-                "compare: building the reading's dicts, converting units, checking each call's and each field's "
-                "status. Field values and GPM results are already read through plain ctypes views; caching "
-                "bound methods and building fewer dicts would be next.")
+        return ("With a fake driver that answers in microseconds, the Python around the calls is all there is to "
+                "compare: the reading's dicts and frozen dataclasses, unit conversion, each call's and each "
+                "field's status. The field-values and temperature requests are already allocated once and the "
+                "answers unpacked with one struct call; allocating the other getters' outputs once as well saved "
+                "about 2% (tried, not kept).")
     return (f"Of this, {machinery_cpu * 1e6:,.0f} µs is the tick's own machinery, measured with GPUs that answer at "
-            "once (the figure below): eight thread hand-offs (wake the GPU's worker, be woken when it is done), "
-            "which cost this much on this VM. That is the price of isolating a hung GPU on its own thread; "
-            "reading every GPU on one thread and moving only a GPU that hangs onto a thread of its own would "
-            "remove most of it.")
+            "once (the figure below): one hand-off to the reader thread and back, and the Python around it "
+            "(queueing the GPUs, a sample per GPU, the snapshot). That code runs once per tick, after a sleep, "
+            "when it costs about three times what it costs in a loop (measured here). The hand-off is what "
+            "keeps a hung NVML call off the tick thread; reading on the tick thread instead would need a "
+            "watchdog that can take the tick over, woken every tick (the same cost) or by a timer armed per "
+            "reading.")
 
 
 def quick_kwargs() -> dict:
