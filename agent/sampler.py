@@ -151,7 +151,7 @@ class _Readers:
         pending. Called by one thread at a time (the tick).
 
         Kept short: it runs first after the tick's sleep, when every line costs several times what
-        it costs warm, and the reader it wakes has to wait for it."""
+        it costs warm."""
         if not self._done.empty():  # left by a reader that finished after the previous tick
             while not self._done.empty():
                 self._done.get_nowait()
@@ -162,9 +162,7 @@ class _Readers:
         for gpu in requested:
             gpu.pending = True
         self._queue.extend(requested)
-        if requested and len(requested) == len(gpus):  # no GPU is being read: no reader is busy
-            self._wake_reader(time.monotonic())
-        self._wait(requested, deadline)
+        self._wait(requested, deadline, in_flight=len(requested) < len(gpus))
         return len(gpus) - len(requested)
 
     def stop(self) -> None:
@@ -173,10 +171,10 @@ class _Readers:
             self._idle.popleft().put(None)
         self._done.put(None)
 
-    def _wait(self, requested: Sequence[_Gpu], deadline: float) -> None:
+    def _wait(self, requested: Sequence[_Gpu], deadline: float, in_flight: bool) -> None:
         """Until the queue is empty and the requested GPUs are read, stop(), or the deadline; hands
         the queue to another reader whenever no reader is moving it on: none started a GPU, or was
-        woken, in the last overrun wait."""
+        woken, in the last overrun wait. `in_flight`: some GPU may be being read."""
         wait = self._overrun_wait
         while not self._stopped:
             queued = bool(self._queue)
@@ -185,17 +183,19 @@ class _Readers:
             now = time.monotonic()
             if now >= deadline:
                 return
-            wake = deadline
+            wake, wake_reader = deadline, False
             if queued:
                 last = self._woken_at
-                if last is None or now - last >= wait:
+                if in_flight and (last is None or now - last >= wait):
                     starts = [started for started in (gpu.started for gpu in self._gpus) if started is not None]
                     if starts and (last is None or max(starts) > last):
                         last = max(starts)
                 if last is None or now - last >= wait:
-                    self._wake_reader(now)
-                    last = now
+                    wake_reader, last = True, now
                 wake = min(wake, last + wait)
+            in_flight = True
+            if wake_reader:  # just before get(), where this thread lets go of the GIL the reader needs
+                self._wake_reader(now)
             try:
                 self._done.get(timeout=wake - now)
             except Empty:
@@ -220,6 +220,7 @@ class _Readers:
                 # Idle before the tick hears that the queue is read: a tick that follows at once
                 # then finds this reader idle instead of starting another.
                 self._idle.append(wake_up)
+                self._woken_at = None  # whoever was woken for the queue will find it read
                 if self._stopped:  # stop() may have woken the idle readers before this one was one
                     return
                 if has_read:

@@ -3,6 +3,7 @@ which thread reads what, readiness, staleness."""
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 
@@ -293,3 +294,48 @@ def test_gpu_hung_in_nvml_leaves_the_others_fresh_every_tick_and_comes_back(fake
         fake.control({"gpu1.hang.nvmlDeviceGetFieldValues": None})
         sampler.stop()
         backend.close()
+
+
+class RandomlySlowBackend(ScriptedBackend):
+    """Each read sleeps a random 0-30 ms, sometimes 100 ms or more (an overrun); records any GPU read
+    by two threads at once."""
+
+    def __init__(self, gpus, seed):
+        super().__init__(gpus)
+        self.random = random.Random(seed)
+        self.inside: set[int] = set()
+        self.overlaps: list[int] = []
+        self.guard = threading.Lock()
+
+    def read(self, index):
+        with self.guard:
+            if index in self.inside:
+                self.overlaps.append(index)
+            self.inside.add(index)
+            delay = self.random.choice([0.0, 0.0, 0.001, 0.005, 0.03, 0.12, 0.25])
+        try:
+            time.sleep(delay)
+            return super().read(index)
+        finally:
+            with self.guard:
+                self.inside.discard(index)
+
+
+def test_overrunning_readings_never_overlap_on_one_gpu_and_readers_stay_few():
+    backend = RandomlySlowBackend(4, seed=7)
+    sampler = make(backend, interval=0.1, timeout=0.5)
+    sampler.start(run_loop=False)
+    try:
+        for _ in range(60):
+            sampler.tick()
+        readers = {thread for _index, thread in backend.calls}
+        backend.random = random.Random(0)
+        backend.random.choice = lambda options: 0.0  # quick from now on
+        assert wait_for(lambda: all(s.up for s in sampler.tick().gpus))
+    finally:
+        sampler.stop()
+    assert backend.overlaps == []
+    assert sampler.stats().overruns > 0  # the test did make readings overrun
+    # One reader per GPU stuck at once, plus one; a reader slow to wake on a busy machine can add
+    # one more now and then. A thread per overrun (60 ticks of them) would be far more.
+    assert 1 < len(readers) <= 2 * len(backend.identities), readers
