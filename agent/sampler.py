@@ -13,8 +13,8 @@ tick leaves that reader blocked in NVML and hands the GPUs still queued to anoth
 one, or a new thread). A hung GPU so keeps a thread of its own until its call returns; it is not
 queued again meanwhile, and once its reading is older than `sample.timeout` it shows `gpu_up 0`.
 The reader that was stuck then takes from the queue again or waits with the others, so there are
-about as many readers as GPUs ever hung at once, plus one. ctypes releases the GIL during the NVML call,
-so a hang costs nothing. A GPU whose last reading overran is read after the others.
+about as many readers as GPUs ever hung at once, plus one. ctypes releases the GIL during the NVML
+call, so a hang costs nothing. A GPU whose last reading overran is read after the others.
 
 Why samples are published on the tick thread: the subscribers (phase accountant, span mapper)
 then see one thread only, in tick order. The reader makes each reading into its sample, process
