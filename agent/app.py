@@ -198,11 +198,11 @@ class Agent:
 
     def _on_windows(self, windows: list[PhaseWindow]) -> None:
         """Span intake worker: windows -> GPUs -> accountant; what can't be placed is counted."""
-        by_gpu, unmatched = self.mapper.map(windows)
+        placements, unmatched = self.mapper.map(windows)
         for reason, count in unmatched.items():
             self.intake.count_unmatched(reason, count)
-        for gpu_key, gpu_windows in by_gpu.items():
-            self.accountant.add_windows(gpu_key, gpu_windows)
+        for gpus, placed in placements.items():
+            self.accountant.place(gpus, placed)
 
     def view(self) -> View:
         stats = self.intake.stats()

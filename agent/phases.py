@@ -24,14 +24,13 @@ All inputs carry explicit wall-clock times; nothing here reads the clock, so tes
 
 from __future__ import annotations
 
-import heapq
 import math
 import threading
 from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left, bisect_right, insort
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from agent.snapshot import GpuSample
 from agent.spans.windows import DECODE, PREFILL, WORK_PHASES, PhaseWindow
@@ -263,40 +262,151 @@ class _EndBucket:
         self.tokens.insert(i, tokens)
         self.lanes.insert(i, lane)
 
-    def take_ended(self, until: float) -> list[tuple[int, float]]:
-        """Remove the windows that ended at or before `until`: their (lane, tokens)."""
-        taken, kept = [], []
-        for entry in zip(self.hashes, self.ends, self.tokens, self.lanes):
-            (taken if entry[1] <= until else kept).append(entry)
-        if taken:
+    def ended_between(self, after: float, until: float) -> list[tuple[int, float]]:
+        """(lane, tokens) of the windows that end in (after, until]."""
+        return [(lane, tokens) for end, tokens, lane in zip(self.ends, self.tokens, self.lanes)
+                if after < end <= until]
+
+    def drop_ended(self, until: float) -> int:
+        """Forget the windows that end at or before `until` (keeping the hash order); how many."""
+        kept = [entry for entry in zip(self.hashes, self.ends, self.tokens, self.lanes) if entry[1] > until]
+        dropped = len(self.hashes) - len(kept)
+        if dropped:
+            columns = zip(*kept) if kept else ((), (), (), ())
             self.hashes, self.ends, self.tokens, self.lanes = (
-                array(column.typecode, values) for column, values in zip(
-                    (self.hashes, self.ends, self.tokens, self.lanes), zip(*kept) if kept else ((),) * 4))
-        return [(lane, tokens) for _, _, tokens, lane in taken]
+                array(column.typecode, values) for column, values in
+                zip((self.hashes, self.ends, self.tokens, self.lanes), columns))
+        return dropped
+
+
+class _WindowStore:
+    """The held windows of one placement: the GPUs the mapper put a run of windows on.
+
+    One GPU, or a tensor-parallel group whose GPUs all get every window of its service. The
+    held windows are the same for every member, so they are held once: the union intervals, the
+    tokens and the keys. Only the members' progress differs: each finalises its own time from the
+    shared lanes and counts the tokens of the windows that ended up to its own boundary
+    (`counted`); the store forgets what every member is past. A TP-8 service so costs one
+    placement per window, not eight, in time and in memory.
+    """
+
+    def __init__(self, members: tuple["_GpuLedger", ...]) -> None:
+        self.members = members
+        self.lanes: dict[tuple[str, str], _Lane] = {}
+        self.lane_list: list[_Lane] = []  # by _Lane.index
+        self.buckets: dict[int, _EndBucket] = {}
+        self.bucket_keys: list[int] = []  # the keys of `buckets`, sorted
+        self.size = 0  # windows held
+        self.counted = {member.key: -math.inf for member in members}  # tokens counted up to, per GPU
+
+    def boundary(self) -> float:
+        """Windows are judged against the newest finalised time of the group: one that ends
+        before it is refused for all members, not counted on some and silently lost on others."""
+        return max(member.finalised_until for member in self.members)
+
+    def hold(self, window: PhaseWindow, service: str, boundary: float, has_room: bool) -> float | str:
+        """Hold a window: the start of the part held, or the reason it cannot be held.
+
+        A window reaching back into finalised time keeps only its open part, with its tokens
+        prorated to that part: finalised totals are never rewritten, but a long request whose
+        span could only be sent when it ended still counts for the time not yet final.
+        """
+        # Only held windows need their keys: a repeat of a window already counted lies wholly in
+        # finalised time (it was counted because it ended there), so it is refused as too_late.
+        key_hash, start, end = hash(window.key), window.start, window.end
+        bucket_key = math.floor(end * _BUCKETS_PER_SECOND)
+        bucket = self.buckets.get(bucket_key)
+        place = 0 if bucket is None else bucket.place(key_hash)
+        if place < 0:
+            return DUPLICATE
+        if not end > boundary:  # wholly in finalised time (a zero-length window at the boundary too)
+            return TOO_LATE
+        if not has_room:
+            return BUFFER_FULL
+        tokens = float(window.tokens)
+        if start < boundary:  # clipped: the open part keeps its share of the tokens
+            tokens *= (end - boundary) / (end - start)
+            start = boundary
+        lane = self.lanes.get((service, window.phase)) or self._new_lane(service, window.phase)
+        if end > start:
+            lane.add(start, end)
+        if bucket is None:
+            bucket = self.buckets[bucket_key] = _EndBucket()
+            insort(self.bucket_keys, bucket_key)
+        bucket.insert(place, key_hash, end, tokens, lane.index)
+        self.size += 1
+        return start
+
+    def _new_lane(self, service: str, phase: str) -> _Lane:
+        lane = self.lanes[(service, phase)] = _Lane(len(self.lane_list), service, phase)
+        self.lane_list.append(lane)
+        return lane
+
+    def intervals(self, lo: float, hi: float) -> Iterator[Interval]:
+        for lane in self.lane_list:
+            yield from lane.overlapping(lo, hi)
+
+    def ended(self, member: GpuKey, until: float) -> list[tuple[_Lane, float]]:
+        """(lane, tokens) of the windows that ended since `member` last counted, up to `until`."""
+        after = self.counted[member]
+        if not until > after:
+            return []
+        self.counted[member] = until
+        keys, low, high = self.bucket_keys, after * _BUCKETS_PER_SECOND, until * _BUCKETS_PER_SECOND
+        found: list[tuple[int, float]] = []
+        for i in range(0 if after == -math.inf else bisect_left(keys, math.floor(low)), len(keys)):
+            key = keys[i]
+            if key > high:
+                break
+            bucket = self.buckets[key]
+            if key > low and key + 1 <= high:  # the whole bucket ends in (after, until]
+                found.extend(zip(bucket.lanes, bucket.tokens))
+            else:
+                found.extend(bucket.ended_between(after, until))
+        return [(self.lane_list[lane], tokens) for lane, tokens in found]
+
+    def forget(self) -> None:
+        """Drop the windows and the time that every member has finalised and counted."""
+        floor = min(self.counted.values())
+        if floor == -math.inf:
+            return
+        # Buckets whose every window ends before the floor (key + 1 <= floor * buckets per second),
+        # then the windows of the bucket the floor falls in that end at or before it.
+        keys, floor_key = self.bucket_keys, math.floor(floor * _BUCKETS_PER_SECOND)
+        gone = bisect_right(keys, floor_key - 1)
+        for key in keys[:gone]:
+            self.size -= len(self.buckets.pop(key))
+        del keys[:gone]
+        if keys and keys[0] == floor_key:
+            bucket = self.buckets[floor_key]
+            self.size -= bucket.drop_ended(floor)
+            if not bucket:
+                del self.buckets[keys.pop(0)]
+        for lane in self.lane_list:
+            lane.forget_until(floor)
+
+    def empty(self) -> bool:
+        return self.size == 0 and not any(lane.starts for lane in self.lane_list)
 
 
 class _GpuLedger:
-    """One GPU's buffer (samples and windows not yet final) and its finalised totals."""
+    """One GPU's buffer (samples not yet final, the window stores it is a member of) and its totals."""
 
-    def __init__(self, key: GpuKey, max_samples: int, max_windows: int) -> None:
+    def __init__(self, key: GpuKey, max_samples: int) -> None:
         self.key = key
-        self.max_windows = max_windows
         self.anchor: _Reading | None = None  # the newest finalised sample: start of the next interval
         self.pending_samples: deque[_Reading] = deque()
         self.max_samples = max_samples
         self.finalised_until = -math.inf
-        # Held windows: their time in one _Lane per (service, phase), their tokens and keys in
-        # _EndBuckets (see the module docstring for why not the windows themselves).
-        self.lanes: dict[tuple[str, str], _Lane] = {}
-        self._lane_list: list[_Lane] = []  # by _Lane.index
-        self._buckets: dict[int, _EndBucket] = {}
-        self._bucket_heap: list[int] = []  # the keys of _buckets, earliest first
-        self.held = 0  # windows in the buckets
+        self.stores: list[_WindowStore] = []  # held windows placed on this GPU, by placement
         self.configured_services: tuple[str, ...] = ()
         # service -> start of its earliest window here: it owns idle time from then on
         self.learned_services: dict[str, float] = {}
         self.totals: dict[tuple[str, str], _Totals] = {}
         self.reported = dict.fromkeys(_QUANTITIES, False)  # which integrals this GPU ever had
+
+    def held(self) -> int:
+        return sum(store.size for store in self.stores)
 
     # --- services ------------------------------------------------------------------------------
 
@@ -345,45 +455,6 @@ class _GpuLedger:
             del self.pending_samples[0 if self.anchor is not None else 1]
         self.pending_samples.append(reading)
 
-    def offer(self, window: PhaseWindow, service: str) -> float | str:
-        """Hold a window: the start of the part held, or the reason it cannot be held.
-
-        A window reaching back into finalised time keeps only its open part, with its tokens
-        prorated to that part: finalised totals are never rewritten, but a long request whose
-        span could only be sent when it ended still counts for the time not yet final.
-        """
-        # Only held windows need their keys: a repeat of a window already counted lies wholly in
-        # finalised time (it was counted because it ended there), so it is refused as too_late.
-        key_hash, start, end = hash(window.key), window.start, window.end
-        bucket_key = math.floor(end * _BUCKETS_PER_SECOND)
-        bucket = self._buckets.get(bucket_key)
-        place = 0 if bucket is None else bucket.place(key_hash)
-        if place < 0:
-            return DUPLICATE
-        final = self.finalised_until
-        if start < final and not end > final:
-            return TOO_LATE
-        if self.held >= self.max_windows:
-            return BUFFER_FULL
-        tokens = float(window.tokens)
-        if start < final:  # clipped: the open part keeps its share of the tokens
-            tokens *= (end - final) / (end - start)
-            start = final
-        lane = self.lanes.get((service, window.phase)) or self._new_lane(service, window.phase)
-        if end > start:
-            lane.add(start, end)
-        if bucket is None:
-            bucket = self._buckets[bucket_key] = _EndBucket()
-            heapq.heappush(self._bucket_heap, bucket_key)
-        bucket.insert(place, key_hash, end, tokens, lane.index)
-        self.held += 1
-        return start
-
-    def _new_lane(self, service: str, phase: str) -> _Lane:
-        lane = self.lanes[(service, phase)] = _Lane(len(self._lane_list), service, phase)
-        self._lane_list.append(lane)
-        return lane
-
     # --- finalisation --------------------------------------------------------------------------
 
     def finalise(self, cutoff: float, now: float, retention: float) -> bool:
@@ -408,14 +479,12 @@ class _GpuLedger:
             # unknown, not idle. Move the boundary on so held windows are counted and freed.
             self.anchor = None
             self.finalised_until = max(self.finalised_until, cutoff)
-        for lane in self._lane_list:
-            lane.forget_until(self.finalised_until)
         changed |= self._count_ended_windows()
         return changed
 
     def _credit_intervals(self, intervals: list[tuple[_Reading, _Reading]]) -> bool:
         first, last = intervals[0][0].ts, intervals[-1][1].ts
-        segments = timeline([i for lane in self._lane_list for i in lane.overlapping(first, last)], first, last)
+        segments = timeline([i for store in self.stores for i in store.intervals(first, last)], first, last)
         j = 0
         for prev, cur in intervals:
             a, b = prev.ts, cur.ts
@@ -455,25 +524,14 @@ class _GpuLedger:
                 totals.dram += per_interval["dram"] * share
 
     def _count_ended_windows(self) -> bool:
-        """Count the tokens of the held windows that have ended in finalised time, and forget them."""
-        until, heap = self.finalised_until, self._bucket_heap
-        ended: list[tuple[int, float]] = []
-        while heap and (heap[0] + 1) / _BUCKETS_PER_SECOND <= until:  # the whole bucket has ended
-            bucket = self._buckets.pop(heapq.heappop(heap))
-            ended.extend(zip(bucket.lanes, bucket.tokens))
-        if heap and heap[0] / _BUCKETS_PER_SECOND <= until:  # the bucket `until` falls in
-            bucket = self._buckets[heap[0]]
-            ended.extend(bucket.take_ended(until))
-            if not bucket:
-                del self._buckets[heapq.heappop(heap)]
-        if not ended:
-            return False
-        self.held -= len(ended)
-        for lane_index, tokens in ended:
-            lane = self._lane_list[lane_index]
-            self.ensure_series(lane.service)
-            self.totals[(lane.service, lane.phase)].tokens += tokens
-        return True
+        """Count the tokens of the held windows that have ended in finalised time."""
+        changed = False
+        for store in self.stores:
+            for lane, tokens in store.ended(self.key, self.finalised_until):
+                self.ensure_series(lane.service)
+                self.totals[(lane.service, lane.phase)].tokens += tokens
+                changed = True
+        return changed
 
     def series(self) -> list[PhaseSeries]:
         index, uuid = self.key
@@ -495,7 +553,7 @@ class PhaseAccountant:
     """Cumulative phase totals per (GPU, service, phase), fed by the sampler and the span worker.
 
     Threads: the sampler calls add_sample() (which never waits for the lock), the accounting
-    thread set_mapping()/advance(), the span worker add_windows(), scrapes series()/last_span()/
+    thread set_mapping()/advance(), the span worker place(), scrapes series()/last_span()/
     rejected(). One lock, held for bounded work; series() returns a tuple rebuilt only when totals
     changed, so a scrape never recomputes history.
     """
@@ -514,6 +572,7 @@ class PhaseAccountant:
         self._lock = threading.Lock()
         self._incoming: deque[tuple[GpuKey, _Reading]] = deque()  # see add_sample()
         self._ledgers: dict[GpuKey, _GpuLedger] = {}
+        self._stores: dict[tuple[GpuKey, ...], _WindowStore] = {}  # by placement (see _WindowStore)
         self._services: set[str] = set()
         self._now = -math.inf
         self._rejected: Counter[str] = Counter()
@@ -547,23 +606,42 @@ class PhaseAccountant:
             for service in ledger.configured_services:
                 self._dirty |= ledger.ensure_series(service)
 
-    def add_windows(self, gpu_key: GpuKey, windows: Iterable[PhaseWindow]) -> None:
-        """Windows the mapper tied to this GPU. Refusals are counted by reason (see rejected())."""
+    def place(self, gpus: Sequence[GpuKey], windows: Iterable[PhaseWindow]) -> None:
+        """Windows the mapper put on these GPUs (one, or a tensor-parallel group: each GPU gets
+        every window). Refusals are counted by reason and per GPU (see rejected())."""
         with self._lock:
-            ledger = self._ledger(gpu_key)
+            store = self._store(tuple(dict.fromkeys(gpus)))
+            members = store.members
+            boundary = store.boundary()
+            room = self._max_windows - max(member.held() for member in members)
+            earliest: dict[str, float] = {}  # service -> start of its earliest window held now
+            newest: dict[str, float] = {}  # service -> end of its newest window held now
             for window in windows:
                 service = self._fold(window.service, admit=False)
-                held_from = self._screen(window) or ledger.offer(window, service)
+                held_from = self._screen(window) or store.hold(window, service, boundary, room > 0)
                 if isinstance(held_from, str):
-                    self._rejected[held_from] += 1
+                    self._rejected[held_from] += len(members)
                     continue
+                room -= 1
                 self._fold(service, admit=True)
                 if held_from > window.start:
-                    self._clipped += 1
-                if ledger.learn(service, held_from):
-                    self._dirty |= ledger.ensure_series(service)
-                label = (gpu_key[0], gpu_key[1], service)
-                self._last_span[label] = max(self._last_span.get(label, -math.inf), window.end)
+                    self._clipped += len(members)
+                if held_from < earliest.get(service, math.inf):
+                    earliest[service] = held_from
+                if window.end > newest.get(service, -math.inf):
+                    newest[service] = window.end
+            for member in members:
+                index, uuid = member.key
+                for service, since in earliest.items():
+                    if member.learn(service, since):
+                        self._dirty |= member.ensure_series(service)
+                for service, end in newest.items():
+                    label = (index, uuid, service)
+                    self._last_span[label] = max(self._last_span.get(label, -math.inf), end)
+
+    def add_windows(self, gpu_key: GpuKey, windows: Iterable[PhaseWindow]) -> None:
+        """Windows the mapper tied to one GPU: place() with a group of one."""
+        self.place((gpu_key,), windows)
 
     def advance(self, now: float) -> None:
         """Finalise everything older than now - settle. A clock that steps back is held, not followed."""
@@ -573,6 +651,12 @@ class PhaseAccountant:
             cutoff = self._now - self._settle
             for ledger in self._ledgers.values():
                 self._dirty |= ledger.finalise(cutoff, self._now, self._retention)
+            for gpus, store in list(self._stores.items()):
+                store.forget()
+                if store.empty():  # placements come and go (pids); an empty one costs nothing to remake
+                    del self._stores[gpus]
+                    for member in store.members:
+                        member.stores.remove(store)
 
     # --- outputs -------------------------------------------------------------------------------
 
@@ -609,8 +693,16 @@ class PhaseAccountant:
     def _ledger(self, key: GpuKey) -> _GpuLedger:
         ledger = self._ledgers.get(key)
         if ledger is None:
-            ledger = self._ledgers[key] = _GpuLedger(key, self._max_samples, self._max_windows)
+            ledger = self._ledgers[key] = _GpuLedger(key, self._max_samples)
         return ledger
+
+    def _store(self, gpus: tuple[GpuKey, ...]) -> _WindowStore:
+        store = self._stores.get(gpus)
+        if store is None:
+            store = self._stores[gpus] = _WindowStore(tuple(self._ledger(key) for key in gpus))
+            for member in store.members:
+                member.stores.append(store)
+        return store
 
     def _fold(self, service: str, admit: bool) -> str:
         """Bound the service label: the first max_services names are kept, later ones become

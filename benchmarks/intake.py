@@ -71,7 +71,7 @@ STAGES = ("parse", "decode", "map", "account")
 def stage_costs(bodies: list[bytes], spans_per_body: int, batches: int) -> dict[str, float]:
     """CPU µs per span of each step a span takes, on one thread of a running Agent (its mapper and
     accountant, GPUs sampled, no network): protobuf parse, decoders, SpanMapper.map and
-    PhaseAccountant.add_windows. `batches` requests of new spans (renewed as the sender does);
+    PhaseAccountant.place. `batches` requests of new spans (renewed as the sender does);
     the accountant's cost depends on how many windows it holds, so this is its cost while the
     first batches × spans_per_body spans arrive."""
     templates = [ExportTraceServiceRequest.FromString(body) for body in bodies]
@@ -87,10 +87,10 @@ def stage_costs(bodies: list[bytes], spans_per_body: int, batches: int) -> dict[
             t1 = time.thread_time()
             windows = decode_request(request).windows
             t2 = time.thread_time()
-            by_gpu, _ = agent.mapper.map(windows)
+            placements, _ = agent.mapper.map(windows)
             t3 = time.thread_time()
-            for gpu_key, gpu_windows in by_gpu.items():
-                agent.accountant.add_windows(gpu_key, gpu_windows)
+            for gpus, placed in placements.items():
+                agent.accountant.place(gpus, placed)
             t4 = time.thread_time()
             for stage, seconds in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 spent[stage] += seconds

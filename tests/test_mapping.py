@@ -64,7 +64,8 @@ def gpus_of(mapper: SpanMapper, window) -> tuple | str:
     if unmatched:
         (reason,) = unmatched
         return reason
-    return tuple(sorted(mapped))
+    (placement,) = mapped
+    return tuple(sorted(placement))
 
 
 @pytest.mark.parametrize("pid, expected", [
@@ -108,16 +109,17 @@ def test_unknown_gpu_and_no_mapping_are_counted_not_guessed(tmp_path):
     mapped, unmatched = mapper.map([decode(0, 1, service="vllm"), decode(0, 1, gpu_ids=("GPU-nope",)),
                                     decode(0, 1), decode(0, 1, pid=123), decode(0, 1, gpu_ids=("1",))])
     assert unmatched == {"unknown_gpu": 2, "no_mapping": 1, "pid_not_on_gpu": 1}
-    assert list(mapped) == [KEYS[1]]
+    assert list(mapped) == [(KEYS[1],)]
     assert mapper.service_map() == {}  # a phase.map entry naming a missing GPU ties nothing
 
 
-def test_windows_are_grouped_per_gpu_and_a_multi_gpu_window_appears_under_each(tmp_path):
+def test_windows_are_grouped_by_placement_a_multi_gpu_one_under_its_group(tmp_path):
     mapper = pid_mapper(tmp_path)
-    first, second, third = decode(0, 1, pid=1), decode(1, 2, pid=15), decode(2, 3, pid=900)
-    mapped, unmatched = mapper.map([first, second, third])
+    first, second, third, fourth = (decode(0, 1, pid=1), decode(1, 2, pid=15), decode(2, 3, pid=900),
+                                    decode(3, 4, pid=1))
+    mapped, unmatched = mapper.map([first, second, third, fourth])
     assert unmatched == {}
-    assert mapped == {KEYS[0]: [first, second], KEYS[1]: [first], KEYS[2]: [third]}
+    assert mapped == {(KEYS[0], KEYS[1]): [first, fourth], (KEYS[0],): [second], (KEYS[2],): [third]}
 
 
 def test_process_facts_are_cached_for_the_ttl_then_reread(tmp_path):

@@ -112,6 +112,36 @@ def test_same_window_on_two_gpus_counts_on_each():
     assert acc.rejected() == {}
 
 
+def test_a_tensor_parallel_group_holds_its_windows_once_and_each_gpu_counts_them():
+    acc = accountant(max_windows_per_gpu=3)
+    # GPU 1 is read 10 ms after GPU 0, as the sampler reads GPUs one after another.
+    feed(acc, [sample(100, GPU0), sample(100.01, GPU1), sample(102, GPU0), sample(102.01, GPU1)])
+    acc.place((KEY0, KEY1), [prefill(100.5, 101.0, tokens=8), decode(101.0, 101.5, tokens=2)])
+    assert [ledger.held() for ledger in acc._ledgers.values()] == [2, 2]  # one store, seen by both
+    assert len(acc._stores) == 1
+    acc.place((KEY0, KEY1), [decode(101.0, 101.5), decode(101.5, 102.0)])  # room for one more
+    assert acc.rejected() == {"buffer_full": 2}  # once per GPU it was placed on
+    acc.advance(102.01 + SETTLE)
+    for gpu in (0, 1):
+        t = totals(acc, gpu=gpu)
+        assert (t["prefill"].seconds, t["decode"].seconds) == (approx(0.5), approx(0.5))
+        assert (t["prefill"].tokens, t["decode"].tokens) == (8, 2)
+    assert acc.last_span() == {(0, "GPU-aaaa", "llm"): 101.5, (1, "GPU-bbbb", "llm"): 101.5}
+    assert acc._stores == {}  # everything counted by both: the store is gone
+
+
+def test_a_lost_gpu_of_a_group_delays_only_its_own_tokens():
+    acc = accountant(retention=60.0)
+    feed(acc, [sample(100, GPU0), sample(100, GPU1), sample(101, GPU0), sample(101, GPU1), sample(102, GPU0)])
+    acc.place((KEY0, KEY1), [decode(101.2, 101.8, tokens=5)])
+    acc.advance(102 + SETTLE)  # GPU 1 answered last at 101: its time after that is not final
+    assert totals(acc, gpu=0)["decode"].tokens == 5 and totals(acc, gpu=1)["decode"].tokens == 0
+    assert acc._ledgers[KEY1].held() == 1  # still held for GPU 1
+    acc.advance(101 + 60.0 + 1)  # GPU 1 silent for longer than retention: that time is unknown
+    assert totals(acc, gpu=1)["decode"].tokens == 5 and totals(acc, gpu=1)["decode"].seconds == 0.0
+    assert acc._stores == {}
+
+
 def test_too_old_too_new_and_invalid_windows_are_refused():
     acc = accountant(retention=60.0)
     acc.advance(1000.0)

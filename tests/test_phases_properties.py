@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from agent.phases import PhaseAccountant, _Lane
 from agent.timeline import phase_durations
 from agent.view import PhaseSeries
-from tests.phase_helpers import KEY0, decode, prefill, sample
+from tests.phase_helpers import GPU0, GPU1, KEY0, KEY1, decode, prefill, sample
 
 SETTLE = 5.0
 FIELDS = ("seconds", "tokens", "energy_joules", "sm_active_seconds", "tensor_active_seconds",
@@ -40,12 +40,12 @@ def windows(draw):
     return out
 
 
-def readings(times, draw_values):
+def readings(times, draw_values, identity=GPU0):
     """Samples at `times` with increasing energy and random GPM ratios."""
     energy, out = 0.0, []
     for ts, (sm, watts) in zip(times, draw_values):
         energy += watts
-        out.append(sample(ts, sm=sm, tensor=sm / 2, dram=1 - sm, energy=energy))
+        out.append(sample(ts, identity, sm=sm, tensor=sm / 2, dram=1 - sm, energy=energy))
     return out
 
 
@@ -117,7 +117,7 @@ def test_result_does_not_depend_on_arrival_order(times, values, spans, data):
         other.add_sample(reading)
     for batch in batches:
         other.add_windows(KEY0, batch)
-        other.advance(earliest + SETTLE)  # finalises only time before every window: nothing refused
+        other.advance(earliest + SETTLE - 0.001)  # finalises only time before every window: nothing refused
     other.advance(100.0)
 
     assert other.rejected() == in_order.rejected() == {}
@@ -142,6 +142,32 @@ def test_phase_seconds_equal_the_reference_sweep_over_the_raw_windows(times, spa
         got[series.phase] = got.get(series.phase, 0.0) + series.seconds
     for phase, seconds in expected.items():
         assert got[phase] == pytest.approx(seconds, abs=1e-6), phase
+
+
+@PROPERTY_SETTINGS
+@given(times=timestamps, lag=st.floats(0.0, 0.5), spans=windows(),
+       nows=st.lists(st.floats(0.0, 80.0), min_size=1, max_size=6))
+def test_a_group_placement_counts_on_each_gpu_as_placing_on_each_alone(times, lag, spans, nows):
+    """One store shared by a tensor-parallel group gives every GPU what it would have alone,
+    with the GPUs read at different instants (the sampler reads them one after another)."""
+    values = [(0.5, 300.0)] * len(times)
+    shared, alone = mapped_accountant(), mapped_accountant()
+    for acc in (shared, alone):
+        acc.set_mapping(KEY1, ["a"])
+        for reading in readings(times, values) + readings([t + lag for t in times], values, GPU1):
+            acc.add_sample(reading)
+    shared.place((KEY0, KEY1), spans)
+    alone.add_windows(KEY0, spans)
+    alone.add_windows(KEY1, spans)
+    for now in sorted(nows) + [100.0]:
+        shared.advance(now)
+        alone.advance(now)
+        expected, got = as_table(alone), as_table(shared)
+        assert got.keys() == expected.keys()
+        for key in expected:
+            for name in FIELDS:
+                assert getattr(got[key], name) == pytest.approx(getattr(expected[key], name), abs=1e-9), (key, name)
+    assert shared.rejected() == alone.rejected()  # both count a refusal once per GPU
 
 
 @PROPERTY_SETTINGS

@@ -166,10 +166,12 @@ class SpanMapper:
                 out.setdefault(key, []).append(service)
         return {key: tuple(services) for key, services in out.items()}
 
-    def map(self, windows: Iterable[PhaseWindow]) -> tuple[dict[GpuKey, list[PhaseWindow]], dict[str, int]]:
-        """Windows grouped by GPU (a window on several GPUs appears under each, in the order
-        given), and the windows that found no GPU counted by reason."""
-        mapped: dict[GpuKey, list[PhaseWindow]] = {}
+    def map(self, windows: Iterable[PhaseWindow]) -> tuple[dict[tuple[GpuKey, ...], list[PhaseWindow]],
+                                                          dict[str, int]]:
+        """Windows grouped by placement: the GPUs they belong on (one, or a tensor-parallel group,
+        each of whose GPUs gets every window), in the order given; and the windows that found no
+        GPU, counted by reason. PhaseAccountant.place() takes a placement as it is."""
+        mapped: dict[tuple[GpuKey, ...], list[PhaseWindow]] = {}
         unmatched: dict[str, int] = {}
         # The lock only hands over the state: update_gpus() (on the tick thread) must not wait for
         # a whole batch. A state is replaced, never changed, by update_gpus(); its pid caches are
@@ -185,12 +187,8 @@ class SpanMapper:
                 answer = answers[identity] = self._gpus_of(state, *identity)
             if isinstance(answer, str):
                 unmatched[answer] = unmatched.get(answer, 0) + sum(1 for _ in run)
-            elif len(answer) == 1:
-                mapped.setdefault(answer[0], []).extend(run)
             else:
-                run = list(run)
-                for key in answer:
-                    mapped.setdefault(key, []).extend(run)
+                mapped.setdefault(answer, []).extend(run)
         return mapped, unmatched
 
     # --- the three ways, in order ----------------------------------------------------------------
