@@ -60,6 +60,7 @@ BUFFER_FULL = "buffer_full"  # the GPU already holds max_windows_per_gpu pending
 # settle. A held window takes ~30 bytes when windows overlap (the usual case) and ~100 when none
 # does, so a hostile flood of disjoint windows holds ~30 MiB per GPU at most.
 DEFAULT_MAX_WINDOWS_PER_GPU = 300_000
+_INF, _NEG_INF = math.inf, -math.inf
 # The shortest sampling interval the config allows; sizes the per-GPU sample buffer.
 _MIN_SAMPLE_INTERVAL = 0.1
 
@@ -589,7 +590,7 @@ class PhaseAccountant:
         if not sample.up:
             return
         # Queued without taking the lock: the tick thread calls this and must never wait behind
-        # a long add_windows() or advance(). advance() files the queue first; so does the next
+        # a long place() or advance(). advance() files the queue first; so does the next
         # add_sample() when the lock happens to be free, which keeps the queue short.
         self._incoming.append(((sample.identity.index, sample.identity.uuid), _Reading.of(sample)))
         if self._lock.acquire(blocking=False):
@@ -616,14 +617,25 @@ class PhaseAccountant:
             room = self._max_windows - max(member.held() for member in members)
             earliest: dict[str, float] = {}  # service -> start of its earliest window held now
             newest: dict[str, float] = {}  # service -> end of its newest window held now
+            # The bounds a window must lie within (see _screen); before the first advance() there
+            # is no "now" to compare with.
+            oldest_end = self._now - self._retention if self._now > -math.inf else -math.inf
+            latest_start = self._now + self._retention if self._now > -math.inf else math.inf
             for window in windows:
                 service = self._fold(window.service, admit=False)
-                held_from = self._screen(window) or store.hold(window, service, boundary, room > 0)
+                start, end = window.start, window.end
+                # One chained comparison for the usual window (NaN fails it too); _screen says why not.
+                if _NEG_INF < start <= end < _INF and oldest_end <= end and start <= latest_start \
+                        and window.phase in WORK_PHASES:
+                    held_from = store.hold(window, service, boundary, room > 0)
+                else:
+                    held_from = self._screen(window)
                 if isinstance(held_from, str):
                     self._rejected[held_from] += len(members)
                     continue
                 room -= 1
-                self._fold(service, admit=True)
+                if service not in self._services:
+                    self._fold(service, admit=True)
                 if held_from > window.start:
                     self._clipped += len(members)
                 if held_from < earliest.get(service, math.inf):
@@ -715,15 +727,9 @@ class PhaseAccountant:
             return service
         return OTHER_SERVICE
 
-    def _screen(self, window: PhaseWindow) -> str | None:
-        """Reasons to refuse a window that do not depend on the GPU."""
+    def _screen(self, window: PhaseWindow) -> str:
+        """Why a window that fails place()'s bounds is refused (none of it depends on the GPU)."""
         if window.phase not in WORK_PHASES or not (math.isfinite(window.start) and math.isfinite(window.end)) \
                 or window.end < window.start:
             return INVALID_WINDOW
-        if self._now == -math.inf:  # before the first advance() there is no "now" to compare with
-            return None
-        if window.end < self._now - self._retention:
-            return TOO_OLD
-        if window.start > self._now + self._retention:
-            return TOO_NEW
-        return None
+        return TOO_OLD if window.end < self._now - self._retention else TOO_NEW

@@ -226,7 +226,7 @@ def run(seconds: float = 10.0, spans_per_request: int = 512, jitter_seconds: flo
             f"accepted span, {details['worker_us']:.0f} µs of them on the span-intake worker (mapper and "
             f"accountant). On one thread a span costs {costs['parse']:.1f} µs to parse, {costs['decode']:.1f} µs "
             f"to decode, {costs['map']:.1f} µs to map and {costs['account']:.1f} µs to account on 8 GPUs "
-            f"(PhaseAccountant.add_windows, agent/phases.py): the goal needs ≤ {1e6 / INTAKE_GOAL:.0f} µs in all. "
+            f"(PhaseAccountant.place, agent/phases.py): the goal needs ≤ {1e6 / INTAKE_GOAL:.0f} µs in all. "
             "Decoding in a worker process would move only the decode share off the GIL (and add a second "
             "interpreter's ~18 MiB); the accountant's share is what has to shrink.")
         section.figures.append(Figure(f"span intake, {title}", rate, "spans/s", "bare protobuf parse", baseline,

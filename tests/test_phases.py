@@ -366,3 +366,14 @@ def test_add_sample_never_waits_for_the_lock_and_its_readings_still_count():
         assert done.wait(5), "add_sample blocked on the accountant's lock"
     acc.advance(101 + SETTLE)
     assert sum(s.seconds for s in totals(acc).values()) == approx(1.0)
+
+
+@pytest.mark.parametrize("start, end", [(float("nan"), 101.0), (100.0, float("nan")), (float("-inf"), 101.0),
+                                        (100.0, float("inf")), (float("-inf"), float("inf")), (101.0, 100.0)])
+def test_non_finite_or_reversed_windows_are_invalid_before_and_after_the_first_advance(start, end):
+    for advanced in (False, True):
+        acc = accountant()
+        if advanced:
+            acc.advance(100.0)
+        acc.add_windows(KEY0, [prefill(start, end)])
+        assert acc.rejected() == {"invalid_window": 1}
