@@ -18,6 +18,9 @@ Why it is built this way (docs/phases.md has the full method):
   packed arrays filed by when the window ends, which is when its tokens count. Under continuous
   batching hundreds of windows overlap, so the unions stay short, and a held window costs ~30
   bytes instead of the ~300 of an object with its key (2,000 spans/s held for a 60 s settle).
+* They are held once per placement (_WindowStore): a tensor-parallel group's GPUs all get every
+  window of its service, so the group shares one store and each GPU only keeps its own progress
+  through it. A TP-8 service costs one placement per window, not eight.
 
 All inputs carry explicit wall-clock times; nothing here reads the clock, so tests drive time.
 """
@@ -181,7 +184,7 @@ _QUANTITIES = ("energy", "sm", "tensor", "dram")
 
 
 class _Lane:
-    """The union of one (service, phase)'s held windows on one GPU: sorted, disjoint intervals.
+    """The union of one (service, phase)'s held windows in one store: sorted, disjoint intervals.
 
     The timeline only asks, at each instant, whether some window of a service and phase is
     active; the union answers exactly that. Windows that touch or overlap merge, so continuous
