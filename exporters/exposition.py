@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from math import isfinite
+from operator import add
 from functools import lru_cache
 from typing import Iterable, Protocol, Sequence
 
@@ -162,7 +164,13 @@ class ExpositionWriter:
                 known = dict(zip(*last)) if last is not None else _NOTHING
                 prefixes = [known.get(series) or head.prefix(series) for series in labels]
             used[head.template] = (labels, prefixes)
-            for prefix, value in zip(prefixes, family.values):
+            values = family.values
+            if values and all(map(isfinite, values)) and max(values) < go_from:
+                # The usual family: every value is its repr, so the lines are joined in C.
+                append("\n".join(map(add, prefixes, map(repr, values))))
+                append("\n")
+                continue
+            for prefix, value in zip(prefixes, values):
                 # format_value inlined for the common case, where it returns repr(value).
                 text = repr(value)
                 if text[-1] in "fn" or go_from <= value < repr_from:
