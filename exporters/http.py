@@ -121,6 +121,9 @@ def _address_family(host: str, port: int) -> tuple[socket.AddressFamily, str, bo
 # serve_forever notices shutdown() only between polls; 0.1 s keeps stopping the agent snappy
 # for ten cheap wake-ups a second (the stdlib default of 0.5 s made every stop take half a second).
 SHUTDOWN_POLL_INTERVAL_SECONDS = 0.1
+# Prometheus asks for gzip on every scrape. Level 1 costs a third of level 6's CPU on the scrape
+# path (0.7 vs 2.1 ms for 8 GPUs x 32 processes here) for an answer ~15% larger.
+GZIP_LEVEL = 1
 
 
 def serve_in_background(server: socketserver.BaseServer, name: str) -> threading.Thread:
@@ -226,6 +229,9 @@ def _handler_for(app: MetricsServer) -> type[BaseHTTPRequestHandler]:
 class _ExporterHandler(BaseHTTPRequestHandler):
     server_app: MetricsServer
     protocol_version = "HTTP/1.1"  # keep-alive: Prometheus reuses its connection every scrape
+    # The status line and headers go out in one write and the body in another; with Nagle's
+    # algorithm on, a small body then waits for the client's delayed ACK (~40 ms on Linux).
+    disable_nagle_algorithm = True
     server_version = f"gpuphase/{__version__}"
     timeout = CONNECTION_IDLE_TIMEOUT_SECONDS
 
@@ -260,7 +266,7 @@ class _ExporterHandler(BaseHTTPRequestHandler):
             return
         encoding = None
         if accepts_gzip(self.headers.get("Accept-Encoding")):
-            body, encoding = gzip.compress(body, compresslevel=6), "gzip"
+            body, encoding = gzip.compress(body, compresslevel=GZIP_LEVEL), "gzip"
         self._send(HTTPStatus.OK, body, content_type, encoding)
 
     def _ready(self) -> None:

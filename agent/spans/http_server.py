@@ -124,6 +124,9 @@ def _media_type(header: str | None) -> str:
 
 class _OtlpHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the exporters reuse connections
+    # The status line and headers go out in one write and the body in another; with Nagle's
+    # algorithm on, a small body then waits for the client's delayed ACK (~40 ms on Linux).
+    disable_nagle_algorithm = True
     timeout = SOCKET_TIMEOUT_SECONDS
     server: "_OtlpHttpServer"
 
