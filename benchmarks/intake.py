@@ -227,8 +227,11 @@ def run(seconds: float = 10.0, spans_per_request: int = 512, jitter_seconds: flo
             f"accountant). On one thread a span costs {costs['parse']:.1f} µs to parse, {costs['decode']:.1f} µs "
             f"to decode, {costs['map']:.1f} µs to map and {costs['account']:.1f} µs to account on 8 GPUs "
             f"(PhaseAccountant.place, agent/phases.py): the goal needs ≤ {1e6 / INTAKE_GOAL:.0f} µs in all. "
-            "Decoding in a worker process would move only the decode share off the GIL (and add a second "
-            "interpreter's ~18 MiB); the accountant's share is what has to shrink.")
+            f"The largest share is {max(STAGES, key=costs.get)}. Decoding is the span decoders' Python walk "
+            f"over each span's attributes ({1e6 / ceiling:.0f} µs per span parsed and decoded on an idle "
+            "thread, more inside the busy agent); moving it to a worker process would take it off the GIL but "
+            "add a second interpreter (~18 MiB) and the cost of shipping the windows back. Rates of the same "
+            "code vary by a third between runs on this VM.")
         section.figures.append(Figure(f"span intake, {title}", rate, "spans/s", "bare protobuf parse", baseline,
                                       f"≥ {INTAKE_GOAL:,.0f} spans/s", met, note))
         section.notes.append(f"{title}: {details['requests']} requests, {details['refused']} refused with "
