@@ -198,12 +198,13 @@ def _wait_for_spans(agent: Agent, timeout: float = 60.0) -> None:
 
 
 def run(seconds: float = 10.0, spans_per_request: int = 512, jitter_seconds: float = 20.0,
-        jitter_interval: float = 0.1, stage_batches: int = 64) -> Section:
+        jitter_interval: float = 0.1, stage_batches: int = 64, rounds: int = 3) -> Section:
     bodies = payloads(16, spans_per_request)
     section = Section(
         "intake", "Span intake and tick jitter",
         f"{spans_per_request} vLLM `llm_request` spans per request, pre-serialised, sent back to back over one "
-        f"connection from a separate process for {seconds:g} s to an Agent on 8 simulated GPUs "
+        f"connection from a separate process for {seconds:g} s to an Agent on 8 simulated GPUs, "
+        f"{rounds} rounds per protocol taking turns, the median reported "
         "(`--phase.map vllm=0-7`, so every window is placed). Rate = accepted spans / (send time + time "
         "for the intake queue to drain into the accountant). Baseline: `ExportTraceServiceRequest.FromString` "
         f"of the same payloads in this process. Jitter: {jitter_interval:g} s sampling, {jitter_seconds:g} s "
@@ -218,8 +219,16 @@ def run(seconds: float = 10.0, spans_per_request: int = 512, jitter_seconds: flo
     section.tables.append(Table(["step (one thread, no network)", "CPU µs per span"],
                                 [[stage, round(costs[stage], 2)] for stage in STAGES]
                                 + [["total", round(sum(costs.values()), 2)]]))
-    for protocol, title in (("http", "OTLP/HTTP protobuf"), ("grpc", "OTLP/gRPC")):
-        rate, details = intake_rate(protocol, bodies, spans_per_request, seconds)
+    protocols = (("http", "OTLP/HTTP protobuf"), ("grpc", "OTLP/gRPC"))
+    # Rounds take turns between the protocols, so that this VM's slow spells (a third between runs
+    # of the same code) fall on both alike; the median round is the figure.
+    runs: dict[str, list[tuple[float, dict]]] = {protocol: [] for protocol, _ in protocols}
+    for _ in range(rounds):
+        for protocol, _ in protocols:
+            runs[protocol].append(intake_rate(protocol, bodies, spans_per_request, seconds))
+    for protocol, title in protocols:
+        ranked = sorted(runs[protocol], key=lambda run_: run_[0])
+        rate, details = ranked[len(ranked) // 2]
         met = rate >= INTAKE_GOAL
         note = "" if met else (
             f"One GIL holds it back: under this flood the agent spent {details['cpu_us']:.0f} µs of CPU per "
@@ -234,7 +243,8 @@ def run(seconds: float = 10.0, spans_per_request: int = 512, jitter_seconds: flo
             "code vary by a third between runs on this VM.")
         section.figures.append(Figure(f"span intake, {title}", rate, "spans/s", "bare protobuf parse", baseline,
                                       f"≥ {INTAKE_GOAL:,.0f} spans/s", met, note))
-        section.notes.append(f"{title}: {details['requests']} requests, {details['refused']} refused with "
+        section.notes.append(f"{title}: rounds {', '.join(f'{r:,.0f}' for r, _ in ranked)} spans/s; median round "
+                             f"{details['requests']} requests, {details['refused']} refused with "
                              f"retry-later, {details['failed']} failed, queue drained in "
                              f"{details['drain_seconds'] * 1000:.0f} ms after the sender stopped; agent CPU "
                              f"{details['cpu_us']:.1f} µs per accepted span, span-intake worker "
@@ -266,5 +276,5 @@ def run(seconds: float = 10.0, spans_per_request: int = 512, jitter_seconds: flo
 
 
 def quick_kwargs() -> dict:
-    return {"seconds": 3.0, "jitter_seconds": 5.0, "stage_batches": 16}
+    return {"seconds": 3.0, "jitter_seconds": 5.0, "stage_batches": 16, "rounds": 1}
 

@@ -107,7 +107,7 @@ def scrape_latencies(registry: CollectorRegistry, scrapes: int, request: str = P
     return latencies
 
 
-def run(scrapes: int = 300) -> Section:
+def run(scrapes: int = 1000) -> Section:
     view = large_view()
     baseline_registry, series = plain_registry(render(view))
     # Interleave the runs in blocks so machine noise lands on all alike.

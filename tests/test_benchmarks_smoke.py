@@ -18,7 +18,7 @@ from benchmarks.results import Section
 
 TINY = {
     "intake": (intake, {"seconds": 0.5, "spans_per_request": 64, "jitter_seconds": 1.0, "jitter_interval": 0.1,
-                        "stage_batches": 4}),
+                        "stage_batches": 4, "rounds": 2}),
     "sampling": (sampling, {"rounds": 3}),
     "scrape": (scrape, {"scrapes": 5}),
     "footprint": (footprint, {"load_minutes": 3 / 60, "idle_seconds": 2.0, "ready_repeats": 1}),
