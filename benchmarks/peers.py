@@ -87,7 +87,7 @@ def run(seconds: float = 60.0) -> Section:
                     + (f" for NVML functions the fake does not export ({', '.join(missing)}) and kept "
                        "serving" if missing else "") + ".")
             else:
-                section.notes.append("nvitop-exporter is not installed (`pip install nvitop-exporter`): not measured.")
+                section.notes.append("nvitop-exporter is not installed (the `bench` extra: `pip install -e '.[bench]'`): not measured.")
     section.notes.append("nvidia-smi per-call cost: not measured here (no GPU; it needs a real driver).")
     section.notes.append("dcgm-exporter needs DCGM and a real GPU: not measured here.")
     return section
