@@ -239,8 +239,9 @@ def run(seconds: float = 10.0, spans_per_request: int = 512, jitter_seconds: flo
             f"The largest share is {max(STAGES, key=costs.get)}. Decoding is the span decoders' Python walk "
             f"over each span's attributes ({1e6 / ceiling:.0f} µs per span parsed and decoded on an idle "
             "thread, more inside the busy agent); moving it to a worker process would take it off the GIL but "
-            "add a second interpreter (~18 MiB) and the cost of shipping the windows back. Rates of the same "
-            "code vary by a third between runs on this VM.")
+            "add a second interpreter (~18 MiB) and the cost of shipping the windows back. "
+            f"This run's {len(ranked)} rounds of the same code differ by up to "
+            f"{(ranked[-1][0] / ranked[0][0] - 1 if ranked[0][0] else float('inf')) * 100:.0f}%.")
         section.figures.append(Figure(f"span intake, {title}", rate, "spans/s", "bare protobuf parse", baseline,
                                       f"≥ {INTAKE_GOAL:,.0f} spans/s", met, note))
         section.notes.append(f"{title}: rounds {', '.join(f'{r:,.0f}' for r, _ in ranked)} spans/s; median round "
