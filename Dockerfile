@@ -15,8 +15,12 @@ ARG PYTHON_IMAGE=python:3.12.8-slim-bookworm
 FROM ${PYTHON_IMAGE} AS builder
 WORKDIR /src
 COPY pyproject.toml README* ./
+# What pyproject packages (its package-dir folders and gpuphase/); tests/test_packaging.py checks they agree.
+COPY gpuphase ./gpuphase
 COPY agent ./agent
 COPY exporters ./exporters
+COPY alerts ./alerts
+COPY dashboards ./dashboards
 RUN python -m venv /opt/gpuphase/venv \
  && /opt/gpuphase/venv/bin/pip install --no-cache-dir --disable-pip-version-check . \
  && /opt/gpuphase/venv/bin/pip uninstall --yes pip \

@@ -1,3 +1,2 @@
-"""gpuphase: a per-node GPU observability agent that knows what the model server is doing."""
-
-__version__ = "0.1.0"
+"""gpuphase.agent: the daemon. Backends read the GPUs, the sampler ticks, spans/ receives the
+model servers' OTLP traces, phases/ turns both into phase totals; app.py wires them together."""

@@ -11,17 +11,18 @@ import sys
 import threading
 from typing import Any
 
-from agent import __version__, sdnotify
-from agent.backends import Backend, BackendUnavailable, create_backend
-from agent.config import Config
-from agent.latest import LatestValueWorker
-from agent.phases import PhaseAccountant
-from agent.processes import ProcessResolver
-from agent.sampler import Sampler
-from agent.spans.mapping import SpanMapper
-from agent.spans.receiver import SpanIntake
-from agent.spans.windows import PhaseWindow
-from agent.view import SamplerStats, SpanStats, View
+from gpuphase import __version__
+from gpuphase.agent import sdnotify
+from gpuphase.agent.backends import Backend, BackendUnavailable, create_backend
+from gpuphase.agent.config import Config
+from gpuphase.agent.latest import LatestValueWorker
+from gpuphase.agent.phases import PhaseAccountant
+from gpuphase.agent.processes import ProcessResolver
+from gpuphase.agent.sampler import Sampler
+from gpuphase.agent.spans.mapping import SpanMapper
+from gpuphase.agent.spans.receiver import SpanIntake
+from gpuphase.model.phase import PhaseWindow
+from gpuphase.model.view import SamplerStats, SpanStats, View
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,9 @@ class Agent:
     def start(self) -> None:
         """Start the servers, then sampling. Raises BackendUnavailable, ConfigError or OSError."""
         # A thread woken by I/O, a lock or a ctypes call waits for the GIL up to the switch interval
-        # for every busy thread ahead of it. Under a span flood (receiver and span worker busy) the
-        # default 5 ms made each tick, whose GPU readings take the GIL dozens of times, ~100 ms
-        # late; at 1 ms tick lateness p99 fell from ~200 ms to ~20 ms with span throughput unchanged
-        # (docs/performance.md). This is the daemon's own process, so the setting is ours to make.
+        # for every busy thread ahead of it; a tick takes the GIL dozens of times, so under a span
+        # flood the default 5 ms made ticks late (docs/design-figures.md). This is the daemon's own
+        # process, so the setting is ours to make.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.start_servers()
         self.start_sampling()
@@ -91,7 +91,7 @@ class Agent:
         pod-resources API (refreshed in the background; nothing happens where the socket is absent)."""
         import os
 
-        from agent.podresources import DEFAULT_SOCKET, PodResourcesWatcher, label_with_owner
+        from gpuphase.agent.podresources import DEFAULT_SOCKET, PodResourcesWatcher, label_with_owner
 
         resolver = ProcessResolver(max_series_per_gpu=self.config.process_max_series)
         if not os.path.exists(DEFAULT_SOCKET):
@@ -102,9 +102,9 @@ class Agent:
         return lambda identity, readings: label_with_owner(resolver.resolve(readings), watcher.lookup(identity.uuid))
 
     def _start_servers(self) -> None:
-        from exporters.http import MetricsServer
-        from exporters.registry import build_registry
-        from exporters.webconfig import load_web_config
+        from gpuphase.exporters.http import MetricsServer
+        from gpuphase.exporters.registry import build_registry
+        from gpuphase.exporters.webconfig import load_web_config
 
         config = self.config
         registry = build_registry(self, config.disabled_collectors)
@@ -118,15 +118,15 @@ class Agent:
         otlp_web = load_web_config(config.otlp_web_config_file)  # one file for both OTLP receivers
         auth = otlp_web.auth.check_header if otlp_web.auth else None
         if config.otlp_grpc_listen_address:
-            from agent.spans.grpc_server import start_grpc_server
-            from exporters.webconfig import grpc_server_credentials
+            from gpuphase.agent.spans.grpc_server import start_grpc_server
+            from gpuphase.exporters.webconfig import grpc_server_credentials
 
             grpc_server = start_grpc_server(self.intake, config.otlp_grpc_listen_address,
                                             grpc_server_credentials(otlp_web), auth)
             self._servers.append(grpc_server)
             self.otlp_grpc_address = _with_port(config.otlp_grpc_listen_address, grpc_server.port)
         if config.otlp_http_listen_address:
-            from agent.spans.http_server import start_http_server
+            from gpuphase.agent.spans.http_server import start_http_server
 
             http_server = start_http_server(self.intake, config.otlp_http_listen_address, otlp_web.ssl_context, auth)
             self._servers.append(http_server)
@@ -137,7 +137,7 @@ class Agent:
     def _start_metrics_push(self, registry) -> None:
         """Push the same registry /metrics serves to an OTLP receiver. Appended last, so stop()
         shuts it down first, while the sampler still runs, and its final export has data."""
-        from exporters.otlp_push import start_metrics_push
+        from gpuphase.exporters.otlp_push import start_metrics_push
 
         config = self.config
         self._servers.append(start_metrics_push(registry, config.otlp_metrics_endpoint, config.otlp_metrics_interval,
@@ -226,7 +226,7 @@ def _with_port(address: str, port: int) -> str:
 
 def run_agent(config: Config) -> int:
     """`gpuphase run`: start, serve until SIGTERM/SIGINT, stop cleanly. Returns the exit code."""
-    from agent.logs import setup_logging
+    from gpuphase.agent.logs import setup_logging
 
     setup_logging(config.log_format, config.log_level)
     agent = Agent(config)

@@ -1,8 +1,8 @@
 """Configuration: defaults -> YAML file (--config) -> GPUPHASE_* environment -> command-line flags.
 
-Every setting is declared once in OPTIONS (flag name, dataclass field, default, parser, help);
-the CLI, the YAML keys and the environment variables are all derived from it, and the result is
-merged once into the frozen Config. Errors name where the bad value came from: the file and line,
+Every setting is declared once, as a field of the frozen Config (flag name, default, parser,
+help); OPTIONS is read off those fields, and the CLI, the YAML keys and the environment variables
+are all derived from it. The layers are merged once into a Config. Errors name where the bad value came from: the file and line,
 the environment variable, or the flag.
 """
 
@@ -16,8 +16,11 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
+from gpuphase.model.addresses import parse_listen_address, push_target
+from gpuphase.model.durations import MIN_PUSH_INTERVAL, MIN_SAMPLE_INTERVAL, parse_duration
+from gpuphase.model.metricdefs import collectors
+
 ENV_PREFIX = "GPUPHASE_"
-MIN_SAMPLE_INTERVAL = 0.1
 
 
 class ConfigError(ValueError):
@@ -25,26 +28,6 @@ class ConfigError(ValueError):
 
 
 # --- value parsers: each takes a YAML/env/flag value and returns the typed value or raises ValueError
-
-
-_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from 1.5, '1.5', '500ms', '2s', '5m' or '1h'."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration such as 1s or 500ms, got {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if not match:
-            raise ValueError(f"expected a duration such as 1s or 500ms, got {value!r}")
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if seconds < 0:
-        raise ValueError(f"a duration cannot be negative, got {value!r}")
-    return seconds
 
 
 def parse_int(value: Any) -> int:
@@ -97,17 +80,6 @@ def choice(*allowed: str) -> Callable[[Any], str]:
     return parse
 
 
-def parse_listen_address(value: Any) -> str:
-    """host:port, :port (all interfaces), [v6]:port, or '' (disabled)."""
-    text = parse_str(value).strip()
-    if text == "":
-        return ""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected host:port such as 127.0.0.1:4317 or :9842, got {text!r}")
-    return text
-
-
 def parse_phase_map(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """SERVICE=GPUS entries; GPUS are indices or UUIDs, comma-separated. A list or one string."""
     items = value if isinstance(value, (list, tuple)) else [value]
@@ -122,21 +94,19 @@ def parse_phase_map(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(out)
 
 
-def split_address(address: str) -> tuple[str, int]:
-    """"host:port" -> (host, port) for socket binding; an empty host means all interfaces."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdecimal():
-        raise ValueError(f"listen address must be host:port, got {address!r}")
-    return host.strip("[]"), int(port)
-
-
-# --- the option table ------------------------------------------------------------------------------
+# --- the options -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Option:
-    flag: str  # without the leading --, e.g. "web.listen-address"
-    field: str  # Config field
+    """One setting: its flag (without the leading --), Config field, default, parser and help.
+
+    The flag also names the YAML key and, upper-cased with `.` and `-` as `_` behind GPUPHASE_,
+    the environment variable.
+    """
+
+    flag: str
+    field: str
     default: Any
     parse: Callable[[Any], Any]
     help: str
@@ -148,109 +118,99 @@ class Option:
         return ENV_PREFIX + re.sub(r"[.\-]", "_", self.flag).upper()
 
 
-OPTIONS: tuple[Option, ...] = (
-    Option("web.listen-address", "web_listen_address", ":9842", parse_listen_address,
-           "Address for /metrics, /-/healthy and /-/ready (':9842' = all interfaces)."),
-    Option("web.config.file", "web_config_file", "", parse_str,
-           "Exporter-toolkit web config (TLS, basic auth) for /metrics, / and the /-/ probes."),
-    Option("otlp.web-config.file", "otlp_web_config_file", "", parse_str,
-           "The same format for both OTLP receivers (gRPC and HTTP): TLS and basic auth. Separate from the "
-           "metrics one so that turning on TLS for scrapes does not break model servers sending plain OTLP."),
-    Option("web.telemetry-path", "web_telemetry_path", "/metrics", parse_str, "Path of the metrics endpoint."),
-    Option("backend", "backend", "auto", choice("auto", "nvml", "sim"),
-           "Where GPU data comes from. auto = NVML; never falls back to simulated data."),
-    Option("sim.gpus", "sim_gpus", 2, parse_int, "Number of simulated GPUs (backend sim)."),
-    Option("sim.profile", "sim_profile", "h100-sxm-80gb", parse_str,
-           "Simulated GPU model: h100-sxm-80gb (GPM) or a100-sxm-80gb (no GPM)."),
-    Option("sim.seed", "sim_seed", 0, parse_int, "Seed of the simulator's noise (reproducible runs)."),
-    Option("sample.interval", "sample_interval", 1.0, parse_duration,
-           "Sampling period of the NVML counters (minimum 100ms)."),
-    Option("sample.timeout", "sample_timeout", 5.0, parse_duration,
-           "A GPU whose reading takes longer is reported gpu_up 0 until it answers again."),
-    Option("nvml.wait", "nvml_wait", False, parse_bool,
-           "Keep retrying when the NVIDIA driver is not (yet) loaded instead of exiting.", is_flag=True),
-    Option("otlp.grpc-listen-address", "otlp_grpc_listen_address", "127.0.0.1:4317", parse_listen_address,
-           "OTLP/gRPC trace receiver address; empty disables."),
-    Option("otlp.http-listen-address", "otlp_http_listen_address", "127.0.0.1:4318", parse_listen_address,
-           "OTLP/HTTP trace receiver address (POST /v1/traces); empty disables."),
-    Option("otlp.metrics-endpoint", "otlp_metrics_endpoint", "", parse_str,
-           "Also push the /metrics families (same names and units) to an OTLP receiver such as an OpenTelemetry "
-           "Collector: host:port or http(s)://host:port for OTLP/gRPC, a URL ending in /v1/metrics for OTLP/HTTP. "
-           "Empty: no push."),
-    Option("otlp.metrics-interval", "otlp_metrics_interval", 15.0, parse_duration,
-           "How often metrics are pushed to --otlp.metrics-endpoint (minimum 1s)."),
-    Option("otlp.metrics-insecure", "otlp_metrics_insecure", False, parse_bool,
-           "Push metrics in plaintext: a bare host:port then means no TLS, and http:// may name a host that is "
-           "not loopback (refused otherwise).",
-           is_flag=True),
-    Option("otlp.max-request-size", "otlp_max_request_bytes", 4 * 1024 * 1024, parse_size,
-           "Largest OTLP request accepted (after decompression)."),
-    Option("otlp.queue-size", "otlp_queue_size", 256, parse_int,
-           "OTLP requests waiting to be decoded before senders are told to retry."),
-    Option("phase.map", "phase_map", (), parse_phase_map,
-           "SERVICE=GPUS: tie a service's spans to GPUs (indices or UUIDs). Repeatable.", multiple=True),
-    Option("phase.settle", "phase_settle", 60.0, parse_duration,
-           "How long samples wait for late spans before their phase is final: longer than your longest request "
-           "plus the sender's batch delay (vLLM sends a span when the request ends, 5s batches)."),
-    Option("phase.retention", "phase_retention", 300.0, parse_duration,
-           "How much sample history is kept per GPU; spans older than this are dropped and counted."),
-    Option("phase.max-services", "phase_max_services", 32, parse_int,
-           "Distinct service label values kept; later ones are folded into 'other'."),
-    Option("process.max-series", "process_max_series", 64, parse_int,
-           "Per-process series kept per GPU (largest memory first); the rest are left out."),
-    Option("log.format", "log_format", "text", choice("text", "json"), "Log format."),
-    Option("log.level", "log_level", "info", choice("debug", "info", "warn", "error"), "Log level."),
-    Option("collector.disable", "disabled_collectors", (), lambda v: tuple(parse_str(x) for x in
-           (v if isinstance(v, (list, tuple)) else str(v).split(",")) if str(x)),
-           "Collectors to turn off (also --no-collector.NAME).", multiple=True),
-)
+def option(flag: str, default: Any, parse: Callable[[Any], Any], help: str, *, multiple: bool = False,
+           is_flag: bool = False) -> Any:
+    """A Config field declared with everything its Option needs; OPTIONS is read off the fields."""
+    spec = {"flag": flag, "parse": parse, "help": help, "multiple": multiple, "is_flag": is_flag}
+    return field(default=default, metadata={"option": spec})
 
-OPTIONS_BY_FLAG = {option.flag: option for option in OPTIONS}
+
+def _parse_collectors(value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return tuple(parse_str(item) for item in items if str(item))
 
 
 @dataclass(frozen=True)
 class Config:
-    web_listen_address: str = ":9842"
-    web_config_file: str = ""
-    web_telemetry_path: str = "/metrics"
-    otlp_web_config_file: str = ""
-    backend: str = "auto"
-    sim_gpus: int = 2
-    sim_profile: str = "h100-sxm-80gb"
-    sim_seed: int = 0
-    sample_interval: float = 1.0
-    sample_timeout: float = 5.0
-    nvml_wait: bool = False
-    otlp_grpc_listen_address: str = "127.0.0.1:4317"
-    otlp_http_listen_address: str = "127.0.0.1:4318"
-    otlp_metrics_endpoint: str = ""
-    otlp_metrics_interval: float = 15.0
-    otlp_metrics_insecure: bool = False
-    otlp_max_request_bytes: int = 4 * 1024 * 1024
-    otlp_queue_size: int = 256
-    phase_map: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    phase_settle: float = 60.0
-    phase_retention: float = 300.0
-    phase_max_services: int = 32
-    process_max_series: int = 64
-    log_format: str = "text"
-    log_level: str = "info"
-    disabled_collectors: tuple[str, ...] = ()
-    extra: Mapping[str, Any] = field(default_factory=dict)  # settings of commands other than run (demo)
+    """Every setting of `gpuphase run` (and `demo`), in --help order. Built by build_config()."""
+
+    web_listen_address: str = option(
+        "web.listen-address", ":9842", parse_listen_address,
+        "Address for /metrics, /-/healthy and /-/ready (':9842' = all interfaces).")
+    web_config_file: str = option(
+        "web.config.file", "", parse_str,
+        "Exporter-toolkit web config (TLS, basic auth) for /metrics, / and the /-/ probes.")
+    otlp_web_config_file: str = option(
+        "otlp.web-config.file", "", parse_str,
+        "The same format for both OTLP receivers (gRPC and HTTP): TLS and basic auth. Separate from the "
+        "metrics one so that turning on TLS for scrapes does not break model servers sending plain OTLP.")
+    web_telemetry_path: str = option("web.telemetry-path", "/metrics", parse_str, "Path of the metrics endpoint.")
+    backend: str = option(
+        "backend", "auto", choice("auto", "nvml", "sim"),
+        "Where GPU data comes from. auto = NVML; never falls back to simulated data.")
+    sim_gpus: int = option("sim.gpus", 2, parse_int, "Number of simulated GPUs (backend sim).")
+    sim_profile: str = option(
+        "sim.profile", "h100-sxm-80gb", parse_str,
+        "Simulated GPU model: h100-sxm-80gb (GPM) or a100-sxm-80gb (no GPM).")
+    sim_seed: int = option("sim.seed", 0, parse_int, "Seed of the simulator's noise (reproducible runs).")
+    sample_interval: float = option(
+        "sample.interval", 1.0, parse_duration, "Sampling period of the NVML counters (minimum 100ms).")
+    sample_timeout: float = option(
+        "sample.timeout", 5.0, parse_duration,
+        "A GPU whose reading takes longer is reported gpu_up 0 until it answers again.")
+    nvml_wait: bool = option(
+        "nvml.wait", False, parse_bool,
+        "Keep retrying when the NVIDIA driver is not (yet) loaded instead of exiting.", is_flag=True)
+    otlp_grpc_listen_address: str = option(
+        "otlp.grpc-listen-address", "127.0.0.1:4317", parse_listen_address,
+        "OTLP/gRPC trace receiver address; empty disables.")
+    otlp_http_listen_address: str = option(
+        "otlp.http-listen-address", "127.0.0.1:4318", parse_listen_address,
+        "OTLP/HTTP trace receiver address (POST /v1/traces); empty disables.")
+    otlp_metrics_endpoint: str = option(
+        "otlp.metrics-endpoint", "", parse_str,
+        "Also push the /metrics families (same names and units) to an OTLP receiver such as an OpenTelemetry "
+        "Collector: host:port or http(s)://host:port for OTLP/gRPC, a URL ending in /v1/metrics for OTLP/HTTP. "
+        "Empty: no push.")
+    otlp_metrics_interval: float = option(
+        "otlp.metrics-interval", 15.0, parse_duration,
+        "How often metrics are pushed to --otlp.metrics-endpoint (minimum 1s).")
+    otlp_metrics_insecure: bool = option(
+        "otlp.metrics-insecure", False, parse_bool,
+        "Push metrics in plaintext: a bare host:port then means no TLS, and http:// may name a host that is "
+        "not loopback (refused otherwise).", is_flag=True)
+    otlp_max_request_bytes: int = option(
+        "otlp.max-request-size", 4 * 1024 * 1024, parse_size, "Largest OTLP request accepted (after decompression).")
+    otlp_queue_size: int = option(
+        "otlp.queue-size", 256, parse_int, "OTLP requests waiting to be decoded before senders are told to retry.")
+    phase_map: tuple[tuple[str, tuple[str, ...]], ...] = option(
+        "phase.map", (), parse_phase_map,
+        "SERVICE=GPUS: tie a service's spans to GPUs (indices or UUIDs). Repeatable.", multiple=True)
+    phase_settle: float = option(
+        "phase.settle", 60.0, parse_duration,
+        "How long samples wait for late spans before their phase is final: longer than your longest request "
+        "plus the sender's batch delay (vLLM sends a span when the request ends, 5s batches).")
+    phase_retention: float = option(
+        "phase.retention", 300.0, parse_duration,
+        "How much sample history is kept per GPU; spans older than this are dropped and counted.")
+    phase_max_services: int = option(
+        "phase.max-services", 32, parse_int, "Distinct service label values kept; later ones are folded into 'other'.")
+    process_max_series: int = option(
+        "process.max-series", 64, parse_int,
+        "Per-process series kept per GPU (largest memory first); the rest are left out.")
+    log_format: str = option("log.format", "text", choice("text", "json"), "Log format.")
+    log_level: str = option("log.level", "info", choice("debug", "info", "warn", "error"), "Log level.")
+    disabled_collectors: tuple[str, ...] = option(
+        "collector.disable", (), _parse_collectors, "Collectors to turn off (also --no-collector.NAME).",
+        multiple=True)
 
     def collector_enabled(self, name: str) -> bool:
         return name not in self.disabled_collectors
 
 
-def _check_defaults_match() -> None:
-    """OPTIONS and Config must agree; a mismatch is a programming error caught at import."""
-    names = {f.name: f for f in fields(Config)}
-    for option in OPTIONS:
-        assert option.field in names, option.field
-        assert names[option.field].default == option.default or option.multiple, option.field
-
-
-_check_defaults_match()
+OPTIONS: tuple[Option, ...] = tuple(
+    Option(field=f.name, default=f.default, **f.metadata["option"]) for f in fields(Config))
+OPTIONS_BY_FLAG = {option.flag: option for option in OPTIONS}
 
 
 # --- sources ------------------------------------------------------------------------------------------
@@ -360,18 +320,13 @@ def _validate(config: Config, sources: Mapping[str, str]) -> None:
     if not config.web_listen_address:
         fail("web_listen_address", "cannot be empty")
     if config.otlp_metrics_endpoint:
-        from exporters.otlp_push import check_interval, push_target
-
         try:
             push_target(config.otlp_metrics_endpoint, config.otlp_metrics_insecure)
         except ValueError as err:
             fail("otlp_metrics_endpoint", str(err))
-        try:
-            check_interval(config.otlp_metrics_interval)
-        except ValueError as err:
-            fail("otlp_metrics_interval", str(err))
-    from agent.metricdefs import collectors
-
+        if config.otlp_metrics_interval < MIN_PUSH_INTERVAL:
+            fail("otlp_metrics_interval", f"--otlp.metrics-interval must be at least {MIN_PUSH_INTERVAL:g}s, "
+                                          f"got {config.otlp_metrics_interval:g}s")
     unknown = sorted(set(config.disabled_collectors) - set(collectors()))
     if unknown:
         fail("disabled_collectors", f"unknown collector {unknown[0]!r}; known: {', '.join(collectors())}")

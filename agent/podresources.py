@@ -39,8 +39,8 @@ from typing import Callable, Mapping, NamedTuple
 
 import grpc
 
-from agent import _podresources_pb as pb
-from agent.snapshot import ProcessSample
+from gpuphase.agent import _podresources_pb as pb
+from gpuphase.model.snapshot import ProcessSample
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-from agent.snapshot import ProcessReading, ProcessSample
+from gpuphase.model.snapshot import ProcessReading, ProcessSample
 
 MAX_NAME_LENGTH = 64
 CONTAINER_ID_LENGTH = 12  # as `docker ps` shows it

@@ -1,11 +1,9 @@
 """The sampling loop: reads every GPU each tick and publishes an immutable Snapshot.
 
-Why the GPUs are read one after another on one reader thread: a thread hand-off (wake a thread,
-be woken when it is done) cost about a hundred microseconds of CPU here, half of what reading a
-GPU through NVML costs, so there is one per tick rather than one per GPU (eight per tick cost
-more than the whole backend's Python); and readers running at once mostly fight over the GIL,
-which each ctypes call releases and takes back (measured by benchmarks/sampling.py, see
-docs/performance.md).
+Why the GPUs are read one after another on one reader thread: a thread hand-off costs about as
+much CPU as reading a GPU through NVML, so there is one per tick rather than one per GPU; and
+readers running at once mostly fight over the GIL, which each ctypes call releases and takes back
+(figures in docs/design-figures.md).
 
 Why a slow reading moves the other GPUs to another thread: NVML calls can hang (a GPU falling off
 the bus, a driver in trouble). When the reading in progress has run longer than OVERRUN_WAIT, the
@@ -18,8 +16,8 @@ call, so a hang costs nothing. A GPU whose last reading overran is read after th
 
 Why samples are published on the tick thread: the subscribers (phase accountant, span mapper)
 then see one thread only, in tick order. The reader makes each reading into its sample, process
-labels included (ProcessResolver is thread-safe), right after reading it: there its objects are
-still in the reader's CPU cache, and the tick's CPU was about 3% lower than with the tick doing it.
+labels included (ProcessResolver is thread-safe), right after reading it, while its objects are
+still in the reader's CPU cache.
 """
 
 from __future__ import annotations
@@ -31,9 +29,9 @@ from collections import deque
 from queue import Empty, SimpleQueue
 from typing import Callable, NamedTuple, Sequence
 
-from agent.backends import Backend, GpuLost
-from agent.snapshot import GpuIdentity, GpuReading, GpuSample, Snapshot
-from agent.view import SamplerStats
+from gpuphase.agent.backends import Backend, GpuLost
+from gpuphase.model.snapshot import GpuIdentity, GpuReading, GpuSample, Snapshot
+from gpuphase.model.view import SamplerStats
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +129,7 @@ class _Readers:
     idle list are deques, whose appends and pops are atomic, wake-ups go through SimpleQueues (in
     C, one lock each), and a reader owns a GPU's fields while it is taken (see _Gpu). A race costs
     at most a wasted wake-up or one more reader thread, never a GPU read twice at once or a lost
-    GPU. threading.Condition, whose woken side wakes again for the lock the waker still holds,
-    cost about a third more CPU per tick here.
+    GPU. Not threading.Condition: its woken side wakes again for the lock the waker still holds.
     """
 
     def __init__(self) -> None:

@@ -1,10 +1,10 @@
 """gpuphase's Prometheus rules as code: one source for every alert and recording rule.
 
-    python -m alerts.rules                       write alerts/gpuphase-rules.yaml
-    python -m alerts.rules --check               exit 1 if the committed file is stale (CI)
-    python -m alerts.rules --for-scale 0.01 -o /tmp/fast.yaml
+    python -m gpuphase.alerts.rules                       write alerts/gpuphase-rules.yaml
+    python -m gpuphase.alerts.rules --check               exit 1 if the committed file is stale (CI)
+    python -m gpuphase.alerts.rules --for-scale 0.01 -o /tmp/fast.yaml
                                                  every alert window 100x shorter (end-to-end tests)
-    python -m alerts.rules --set idle_threshold=0.1 --set idle_for=1h -o my-rules.yaml
+    python -m gpuphase.alerts.rules --set idle_threshold=0.1 --set idle_for=1h -o my-rules.yaml
 
 Thresholds and windows live in `RuleConfig` below (kubernetes-mixin style): change them there or
 with --set, never by editing the generated YAML. Windows marked `scaled` shrink with --for-scale;
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,32 +23,25 @@ from typing import Any
 
 import yaml
 
+from gpuphase.model.durations import format_duration, parse_duration
+
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "gpuphase-rules.yaml"
 
 
-_DURATION_PART = re.compile(r"(\d+)([smhd])")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> int:
-    """'1h30m' -> 5400. Whole seconds only: sub-second alert windows mean nothing."""
-    parts = _DURATION_PART.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 30m, 6h)")
-    return sum(int(n) * _UNIT_SECONDS[u] for n, u in parts)
-
-
-def fmt_duration(seconds: int) -> str:
-    """5400 -> '90m': the largest unit that divides exactly, as Prometheus accepts it."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+def window_seconds(text: str) -> int:
+    """A rule window in whole seconds ('1h30m' -> 5400): sub-second alert windows mean nothing."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 30m, 6h)") from None
+    if seconds != int(seconds):
+        raise ValueError(f"not a whole number of seconds: {text!r}")
+    return int(seconds)
 
 
 def _duration(default: str, *, scaled: bool = True) -> Any:
     """A window in whole seconds, written like Prometheus ("30m"); `scaled` ones follow --for-scale."""
-    return field(default=parse_duration(default), metadata={"duration": True, "scaled": scaled})
+    return field(default=window_seconds(default), metadata={"duration": True, "scaled": scaled})
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,7 +119,7 @@ class RuleConfig:
 
 def _parse_value(spec: dataclasses.Field, current: Any, raw: str) -> Any:
     if spec.metadata.get("duration"):
-        return parse_duration(raw)
+        return window_seconds(raw)
     if isinstance(current, tuple):
         return tuple(item.strip() for item in raw.split(",") if item.strip())
     if isinstance(current, float):
@@ -145,7 +137,7 @@ def activity(window: int) -> str:
     utilization branch; comparisons go outside the parentheses so a GPM GPU that is busy is not
     replaced by its (possibly low) utilization reading.
     """
-    w = fmt_duration(window)
+    w = format_duration(window)
     return (
         f"(\n  avg_over_time(gpu_sm_active_ratio[{w}])\n  or\n"
         f"  avg_over_time(gpu_utilization_ratio[{w}])\n)"
@@ -177,7 +169,7 @@ def _alert(config: RuleConfig, name: str, expr: str, for_: int, severity: str, s
            description: str) -> dict[str, Any]:
     rule: dict[str, Any] = {"alert": name, "expr": expr}
     if for_:
-        rule["for"] = fmt_duration(for_)
+        rule["for"] = format_duration(for_)
     rule["labels"] = {"severity": severity}
     rule["annotations"] = {
         "summary": summary,
@@ -193,14 +185,14 @@ def _alert(config: RuleConfig, name: str, expr: str, for_: int, severity: str, s
 # --------------------------------------------------------------------------------------------
 def cost_alerts(c: RuleConfig) -> list[dict[str, Any]]:
     act = activity(c.activity_window)
-    aw = fmt_duration(c.activity_window)
+    aw = format_duration(c.activity_window)
     idle_allocated = _alert(
         c, "GpuIdleAllocated",
         f"{act} < {c.idle_threshold:g}\nand\ngpu_processes > 0",
         c.idle_for, "info",
         "GPU is allocated to a process but idle",
         f"{_GPU} is held by a process but its {aw} average activity has stayed below "
-        f"{_pct(c.idle_threshold)} for {fmt_duration(c.idle_for)} (now {_VALUE_PCT}). "
+        f"{_pct(c.idle_threshold)} for {format_duration(c.idle_for)} (now {_VALUE_PCT}). "
         "A paid-for GPU doing nothing: consolidate, scale down or release it.",
     )
     unused = _alert(
@@ -209,10 +201,10 @@ def cost_alerts(c: RuleConfig) -> list[dict[str, Any]]:
         c.unused_for, "info",
         "GPU has had no process and no work for a long time",
         f"{_GPU} has had no compute process and activity below {_pct(c.idle_threshold)} for "
-        f"{fmt_duration(c.unused_for)} (activity now {_VALUE_PCT}). Scale the node down or give the GPU "
+        f"{format_duration(c.unused_for)} (activity now {_VALUE_PCT}). Scale the node down or give the GPU "
         "to a workload.",
     )
-    bw = fmt_duration(c.bandwidth_window)
+    bw = format_duration(c.bandwidth_window)
     phase_busy = (
         f"sum without (phase, service) (rate(gpu_phase_seconds_total{{phase=~\"{c.bandwidth_phases}\"}}[{bw}]))\n"
         f"/\nsum without (phase, service) (rate(gpu_phase_seconds_total{{phase!=\"idle\"}}[{bw}]))\n"
@@ -235,7 +227,7 @@ def cost_alerts(c: RuleConfig) -> list[dict[str, Any]]:
         c.bandwidth_for, "info",
         "GPU is bound by memory bandwidth",
         f"{_GPU} has used {_VALUE_PCT} of its DRAM bandwidth while its tensor cores were active at most "
-        f"{_pct(c.bandwidth_tensor_max)} of the time, for {fmt_duration(c.bandwidth_for)}: "
+        f"{_pct(c.bandwidth_tensor_max)} of the time, for {format_duration(c.bandwidth_for)}: "
         "it waits on memory (LLM decode). Consider FP8 weights or KV cache, larger batches, "
         "disaggregated prefill/decode or higher-bandwidth GPUs.",
     )
@@ -244,14 +236,14 @@ def cost_alerts(c: RuleConfig) -> list[dict[str, Any]]:
         f"gpu_memory_used_bytes / gpu_memory_total_bytes >= {c.memory_full_ratio:g}",
         c.memory_full_for, "warning",
         "GPU memory is nearly full",
-        f"{_GPU} has used {_VALUE_PCT} of its memory for {fmt_duration(c.memory_full_for)}; "
+        f"{_GPU} has used {_VALUE_PCT} of its memory for {format_duration(c.memory_full_for)}; "
         "the next allocation may fail with out-of-memory.",
     )
     return [idle_allocated, unused, bandwidth, memory_full]
 
 
 def health_alerts(c: RuleConfig) -> list[dict[str, Any]]:
-    xw = fmt_duration(c.xid_window)
+    xw = format_duration(c.xid_window)
     xids = f'gpu_xid_errors_total{{xid!~"{_regex(c.application_xids)}"}}'
     xid = _alert(
         c, "GpuXidError",
@@ -271,7 +263,7 @@ def health_alerts(c: RuleConfig) -> list[dict[str, Any]]:
         f"{_GPU} has counted {{{{ $value | humanize }}}} uncorrectable ECC error(s) since the driver loaded. "
         "Data on it may be corrupt: drain it and reset the GPU; the count clears on reset.",
     )
-    tw = fmt_duration(c.thermal_window)
+    tw = format_duration(c.thermal_window)
     thermal = _alert(
         c, "GpuThermalThrottling",
         f'avg_over_time(gpu_clock_event_active{{reason=~"{_regex(c.thermal_reasons)}"}}[{tw}])'
@@ -286,7 +278,7 @@ def health_alerts(c: RuleConfig) -> list[dict[str, Any]]:
         "gpu_up == 0",
         c.lost_for, "page",
         "GPU is lost",
-        f"{_GPU} has not answered NVML for {fmt_duration(c.lost_for)} (fell off the bus, hung or "
+        f"{_GPU} has not answered NVML for {format_duration(c.lost_for)} (fell off the bus, hung or "
         "being reset). Workloads on it have failed.",
     )
     return [xid, ecc, thermal, lost]
@@ -299,7 +291,7 @@ def agent_alerts(c: RuleConfig) -> list[dict[str, Any]]:
         c.agent_down_for, "warning",
         "gpuphase agent is down",
         "Prometheus has failed to scrape the gpuphase agent at {{ $labels.instance }} (job "
-        f"{{{{ $labels.job }}}}) for {fmt_duration(c.agent_down_for)}: the GPUs of this host are unobserved "
+        f"{{{{ $labels.job }}}}) for {format_duration(c.agent_down_for)}: the GPUs of this host are unobserved "
         "and none of their alerts can fire.",
     )
     collector = _alert(
@@ -308,7 +300,7 @@ def agent_alerts(c: RuleConfig) -> list[dict[str, Any]]:
         c.collector_failing_for, "warning",
         "gpuphase collector is failing",
         "The {{ $labels.collector }} collector of the gpuphase agent at {{ $labels.instance }} has "
-        f"failed every scrape for {fmt_duration(c.collector_failing_for)}; its metrics are missing.",
+        f"failed every scrape for {format_duration(c.collector_failing_for)}; its metrics are missing.",
     )
     act = activity(c.activity_window)
     spans_missing = _alert(
@@ -348,7 +340,7 @@ ACTIVITY_FIELDS = ("sm_active", "tensor_active", "dram_active")
 
 
 def recording_rules(c: RuleConfig) -> list[dict[str, Any]]:
-    sw, rw = fmt_duration(c.state_window), fmt_duration(c.rate_window)
+    sw, rw = format_duration(c.state_window), format_duration(c.rate_window)
     phase_rate = f"{PHASE_RATE}{sw}"
     gpu_state = f"{GPU_STATE}{sw}"
     rules: list[dict[str, Any]] = [
@@ -424,7 +416,7 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
 _Dumper.add_representer(str, _str)
 
 _HEADER = (
-    "# Generated by `python -m alerts.rules` from alerts/rules.py. Do not edit by hand:\n"
+    "# Generated by `python -m gpuphase.alerts.rules` from alerts/rules.py. Do not edit by hand:\n"
     "# change RuleConfig there (or pass --set NAME=VALUE) and regenerate.\n"
 )
 
@@ -436,7 +428,7 @@ def render(config: RuleConfig | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alerts.rules", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m gpuphase.alerts.rules", description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--check", action="store_true", help="exit 1 if OUTPUT is not what would be written")
     parser.add_argument("--for-scale", type=float, default=1.0, metavar="F",
@@ -452,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = args.output.read_text(encoding="utf-8") if args.output.exists() else ""
         if current != text:
-            print(f"{args.output} is out of date: run python -m alerts.rules", file=sys.stderr)
+            print(f"{args.output} is out of date: run python -m gpuphase.alerts.rules", file=sys.stderr)
             return 1
         return 0
     args.output.write_text(text, encoding="utf-8")

@@ -1,10 +1,10 @@
 """Figures 4 and 5: resident memory and CPU share of `gpuphase run`, and the time to /-/ready.
 
-The agent is a subprocess (`python -m agent.cli run`, what the `gpuphase` console script runs)
+The agent is a subprocess (`python -m gpuphase run`, what the `gpuphase` console script runs)
 on 8 simulated GPUs sampling at 1 Hz, measured with psutil. Baselines, same run:
  - memory: a bare Python process that imports the same libraries and sleeps, i.e. the floor any
    Python agent with these dependencies pays before doing anything;
- - start-up: the time `python -c "import agent.cli"` takes, the floor of starting at all.
+ - start-up: the time `python -c "import gpuphase.cli"` takes, the floor of starting at all.
 The load run doubles as the soak (benchmarks/soak.py): RSS and CPU sampled every 10 s.
 """
 
@@ -17,8 +17,16 @@ import time
 
 import psutil
 
-from benchmarks.harness import (MIB, ROOT, AgentProcess, CpuMeter, replica_agent_args, replica_services,
-                                sim_agent_args, subprocess_env)
+from benchmarks.harness import (
+    MIB,
+    ROOT,
+    AgentProcess,
+    CpuMeter,
+    replica_agent_args,
+    replica_services,
+    sim_agent_args,
+    subprocess_env,
+)
 from benchmarks.otlp_load import SenderProcess
 from benchmarks.results import Figure, Section, Table
 
@@ -93,11 +101,11 @@ def soak_table(rows: list[list[float]]) -> Table:
 
 
 def ready_times(repeats: int) -> tuple[list[float], list[float]]:
-    """Seconds to /-/ready of a fresh 8-GPU sim agent, and of `python -c "import agent.cli"`."""
+    """Seconds to /-/ready of a fresh 8-GPU sim agent, and of `python -c "import gpuphase.cli"`."""
     agent_times, import_times = [], []
     for _ in range(repeats):
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import agent.cli"], cwd=ROOT, env=subprocess_env(), check=True)
+        subprocess.run([sys.executable, "-c", "import gpuphase.cli"], cwd=ROOT, env=subprocess_env(), check=True)
         import_times.append(time.perf_counter() - started)
         with AgentProcess(*sim_agent_args()) as agent:
             agent_times.append(agent.wait_ready())
@@ -113,7 +121,7 @@ def run(load_minutes: float = 30.0, idle_seconds: float = 60.0, ready_repeats: i
         "new, the newest ending as it is sent) "
         f"for {load_minutes:g} min, RSS and CPU sampled every 10 s (the table below is this soak). "
         f"Memory baseline: a sleeping `python -c \"import {BASELINE_IMPORTS}\"`. Start-up: spawn to the first "
-        "200 from /-/ready, polled every 5 ms; baseline `python -c \"import agent.cli\"`. Medians.")
+        "200 from /-/ready, polled every 5 ms; baseline `python -c \"import gpuphase.cli\"`. Medians.")
     base_rss = baseline_rss() / MIB
 
     idle = soak(idle_seconds / 60, spans_per_second=0, sample_every=min(10.0, idle_seconds))
@@ -156,7 +164,7 @@ def run(load_minutes: float = 30.0, idle_seconds: float = 60.0, ready_repeats: i
 
     agent_ready, import_only = ready_times(ready_repeats)
     ready = statistics.median(agent_ready)
-    section.figures.append(Figure("time from start to /-/ready", ready, "s", "python -c 'import agent.cli'",
+    section.figures.append(Figure("time from start to /-/ready", ready, "s", "python -c 'import gpuphase.cli'",
                                   statistics.median(import_only), f"≤ {READY_GOAL:g} s", ready <= READY_GOAL))
     return section
 

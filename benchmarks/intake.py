@@ -18,13 +18,13 @@ import time
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from agent.app import Agent
-from agent.backends.sim import SimBackend
-from agent.config import Config
-from agent.spans.decoders import decode_request
 from benchmarks.harness import percentile
 from benchmarks.otlp_load import SenderProcess, payloads, renewed
 from benchmarks.results import Figure, Section, Table
+from gpuphase.agent.app import Agent
+from gpuphase.agent.backends.sim import SimBackend
+from gpuphase.agent.config import Config
+from gpuphase.agent.spans.decoders import decode_request
 
 INTAKE_GOAL = 20_000.0  # spans/s
 JITTER_GOAL = 0.050  # seconds, p99
@@ -235,7 +235,7 @@ def run(seconds: float = 10.0, spans_per_request: int = 512, jitter_seconds: flo
             f"accepted span, {details['worker_us']:.0f} µs of them on the span-intake worker (mapper and "
             f"accountant). On one thread a span costs {costs['parse']:.1f} µs to parse, {costs['decode']:.1f} µs "
             f"to decode, {costs['map']:.1f} µs to map and {costs['account']:.1f} µs to account on 8 GPUs "
-            f"(PhaseAccountant.place, agent/phases.py): the goal needs ≤ {1e6 / INTAKE_GOAL:.0f} µs in all. "
+            f"(PhaseAccountant.place, agent/phases/): the goal needs ≤ {1e6 / INTAKE_GOAL:.0f} µs in all. "
             f"The largest share is {max(STAGES, key=costs.get)}. Decoding is the span decoders' Python walk "
             f"over each span's attributes ({1e6 / ceiling:.0f} µs per span parsed and decoded on an idle "
             "thread, more inside the busy agent); moving it to a worker process would take it off the GIL but "

@@ -18,9 +18,9 @@ from pathlib import Path
 import psutil
 
 from benchmarks.harness import MIB, AgentProcess, CpuMeter, http_get, subprocess_env
-from tests.agentproc import free_port
 from benchmarks.results import Figure, Section
 from benchmarks.sampling import fake_control
+from tests.agentproc import free_port
 from tests.fakenvml import FakeNvml, build_fake_nvml
 
 

@@ -17,7 +17,8 @@ only checks that the harness runs and produces well-formed results, and `tests/t
 
 Regenerate: `python -m benchmarks` (about 40 minutes, 30 of them the soak under load; the memory
 goal is read at 10), or `python -m benchmarks --quick` (about 3 minutes, shorter windows, noisier).
-Soak alone: `python -m benchmarks.soak --duration 30m`.
+Soak alone: `python -m benchmarks.soak --duration 30m`. The figures behind design choices in the code
+(thread hand-offs, ctypes hooks, window sizes) are in [design-figures.md](design-figures.md).
 """
 
 

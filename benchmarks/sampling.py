@@ -5,7 +5,7 @@ cost is the same small constant on both and the ratio isolates what the backend 
 add (error handling, probing, unit conversion, snapshots, the reader thread). One difference, on
 the backend's side: it sends nvmlDeviceGetFieldValues and nvmlDeviceGetTemperatureV requests it
 allocated once, rather than going through pynvml's wrappers, which build them on every call (see
-agent/backends/nvml.py, _FieldRequest); the bare loop uses pynvml as a script would. The same
+agent/backends/nvml/fields.py, FieldRequest); the bare loop uses pynvml as a script would. The same
 NVML functions are called as often on both sides.
 
 The four workloads take turns, each every PACE seconds, spread evenly over it: load from other
@@ -29,12 +29,12 @@ from typing import Callable
 
 import pynvml
 
-from agent.backends.nvml import _FIELDS, NvmlBackend
-from agent.config import Config
-from agent.sampler import Sampler
-from agent.snapshot import GpuIdentity, GpuReading
 from benchmarks.harness import percentile
 from benchmarks.results import Figure, Section
+from gpuphase.agent.backends.nvml import NvmlBackend
+from gpuphase.agent.backends.nvml.fields import FIELDS
+from gpuphase.agent.sampler import Sampler
+from gpuphase.model.snapshot import GpuIdentity, GpuReading
 from tests.fakenvml import FakeNvml, build_fake_nvml
 
 GPUS = 8
@@ -63,7 +63,7 @@ class BarePynvml:
 
     def __init__(self, gpus: int):
         self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(gpus)]
-        self.field_ids = [(f.field_id, f.scope) for f in _FIELDS]
+        self.field_ids = [(f.field_id, f.scope) for f in FIELDS]
         self.gpm = []
         for handle in self.handles:
             request = pynvml.c_nvmlGpmMetricsGet_t()
@@ -173,7 +173,7 @@ def measure(rounds: int, directory: Path) -> tuple[dict[str, tuple[list[float], 
         bare = BarePynvml(GPUS)
         cleanup.callback(bare.close)
 
-        backend = NvmlBackend(Config(), event_wait_ms=500)
+        backend = NvmlBackend(event_wait_ms=500)
         cleanup.callback(backend.close)
         indices = [identity.index for identity in backend.discover()]
 
@@ -182,7 +182,7 @@ def measure(rounds: int, directory: Path) -> tuple[dict[str, tuple[list[float], 
                 backend.read(index)
 
         works: dict[str, Callable[[], object]] = {"bare": bare.tick, "backend": read_all}
-        for key, sampled in (("machinery", NullBackend(GPUS)), ("sampler", NvmlBackend(Config(), event_wait_ms=500))):
+        for key, sampled in (("machinery", NullBackend(GPUS)), ("sampler", NvmlBackend(event_wait_ms=500))):
             cleanup.callback(sampled.close)
             sampler = Sampler(sampled, interval=1.0, timeout=5.0)
             cleanup.callback(sampler.stop)

@@ -18,13 +18,13 @@ import time
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.snapshot import GpuIdentity, GpuSample, ProcessSample, Snapshot
-from agent.view import PhaseSeries, SamplerStats, SpanStats, View
 from benchmarks.harness import percentile
 from benchmarks.results import Figure, Section
-from exporters.http import MetricsServer
-from exporters.registry import StaticViewSource, build_registry, render
-from tests.views import GPM_VALUES, GIB, NOW, device_labelled, device_values
+from gpuphase.exporters.http import MetricsServer
+from gpuphase.exporters.registry import StaticViewSource, build_registry, render
+from gpuphase.model.snapshot import GpuIdentity, GpuSample, ProcessSample, Snapshot
+from gpuphase.model.view import PhaseSeries, SamplerStats, SpanStats, View
+from tests.views import GIB, GPM_VALUES, NOW, device_labelled, device_values
 
 GPUS, PROCESSES, SERVICES = 8, 32, ("llama-70b", "chat-8b", "embed")
 PHASES = ("prefill", "decode", "mixed", "idle")

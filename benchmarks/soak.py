@@ -12,10 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from agent.config import parse_duration
 from benchmarks.footprint import LOAD_SPANS_PER_SECOND, TOPOLOGIES, soak, soak_table
 from benchmarks.harness import machine
 from benchmarks.report import markdown_table
+from gpuphase.agent.config import parse_duration
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,1 +1,1 @@
-"""Grafana dashboards as code; `python -m dashboards.build` writes the JSON users import."""
+"""Grafana dashboards as code; `python -m gpuphase.dashboards.build` writes the JSON users import."""

@@ -1,7 +1,7 @@
 """Writes the Grafana dashboards users import, and lists every panel query for end-to-end checks.
 
-    python -m dashboards.build            write dashboards/*.json
-    python -m dashboards.build --check    exit 1 if a committed JSON file is stale (CI)
+    python -m gpuphase.dashboards.build            write dashboards/*.json
+    python -m gpuphase.dashboards.build --check    exit 1 if a committed JSON file is stale (CI)
 
 Grafana cannot run here, so the proof that a dashboard works is that each of its queries, with
 the template variables filled in, returns data from a real Prometheus: `all_queries()` gives
@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from dashboards import fleet, node, phases
-from dashboards.grafana import Dashboard
+from gpuphase.dashboards import fleet, node, phases
+from gpuphase.dashboards.grafana import Dashboard
 
 OUTPUT_DIR = Path(__file__).resolve().parent
 
@@ -77,7 +77,7 @@ def all_queries(instance_regex: str = ".*", gpu_regex: str = ".*", *, service_re
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dashboards.build", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m gpuphase.dashboards.build", description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output-dir", type=Path, default=OUTPUT_DIR)
     parser.add_argument("--check", action="store_true", help="exit 1 if a file differs from what would be written")
     args = parser.parse_args(argv)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             path.write_text(text, encoding="utf-8")
     if stale:
-        print(f"out of date: {', '.join(stale)}; run python -m dashboards.build", file=sys.stderr)
+        print(f"out of date: {', '.join(stale)}; run python -m gpuphase.dashboards.build", file=sys.stderr)
         return 1
     return 0
 

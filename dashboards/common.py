@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from alerts.rules import RuleConfig
-from dashboards import grafana
+from gpuphase.alerts.rules import RuleConfig
+from gpuphase.dashboards import grafana
 
 # Panels filter with these; Grafana substitutes the variables (".*" when "All" is selected).
 HOST = 'instance=~"$instance"'

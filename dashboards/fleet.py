@@ -3,15 +3,16 @@ are short of memory or bandwidth, and which are failing."""
 
 from __future__ import annotations
 
-from alerts import rules
-from dashboards.common import HOST, RULES, application_xids, instance_variable, matcher, sel
-from dashboards.grafana import Dashboard, Query, Threshold, row, stat, textbox_variable, timeseries
+from gpuphase.alerts import rules
+from gpuphase.dashboards.common import HOST, RULES, application_xids, instance_variable, matcher, sel
+from gpuphase.dashboards.grafana import Dashboard, Query, Threshold, row, stat, textbox_variable, timeseries
+from gpuphase.model.durations import format_duration
 
 STATES = ("idle", "prefill", "decode", "mixed", "unknown")
 _STATE_COLORS = {"idle": "orange", "prefill": "blue", "decode": "purple", "mixed": "green", "unknown": "text"}
-_WINDOW = f"[{rules.fmt_duration(RULES.activity_window)}]"
-_IDLE_RATIO = f"{rules.IDLE_RATIO}{rules.fmt_duration(RULES.rate_window)}"
-_STATE = f"{rules.GPU_STATE}{rules.fmt_duration(RULES.state_window)}"
+_WINDOW = f"[{format_duration(RULES.activity_window)}]"
+_IDLE_RATIO = f"{rules.IDLE_RATIO}{format_duration(RULES.rate_window)}"
+_STATE = f"{rules.GPU_STATE}{format_duration(RULES.state_window)}"
 
 
 def _state_stat(state: str) -> object:

@@ -3,8 +3,8 @@ the processes on them, throttle reasons over time, and the agent's own health.""
 
 from __future__ import annotations
 
-from dashboards.common import GPU, HOST, RULES, gpu_variable, instance_variable, sel
-from dashboards.grafana import Dashboard, Query, Threshold, row, stat, table, timeseries
+from gpuphase.dashboards.common import GPU, HOST, RULES, gpu_variable, instance_variable, sel
+from gpuphase.dashboards.grafana import Dashboard, Query, Threshold, row, stat, table, timeseries
 
 _BY_GPU = "{{instance}} gpu {{gpu}}"
 _RATE = "[$__rate_interval]"

@@ -3,9 +3,9 @@ phase keeps SMs, tensor cores and DRAM, and what a token costs in energy in each
 
 from __future__ import annotations
 
-from dashboards import grafana
-from dashboards.common import GPU, gpu_variable, instance_variable, sel
-from dashboards.grafana import Dashboard, Query, row, timeseries
+from gpuphase.dashboards import grafana
+from gpuphase.dashboards.common import GPU, gpu_variable, instance_variable, sel
+from gpuphase.dashboards.grafana import Dashboard, Query, row, timeseries
 
 PHASES = 'instance=~"$instance", gpu=~"$gpu", service=~"$service"'
 _RATE = "[$__rate_interval]"

@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from math import isfinite
 from operator import add
-from functools import lru_cache
 from typing import Iterable, Protocol, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from agent.metricdefs import MetricDef
+from gpuphase.model.metricdefs import MetricDef
 
 TEXT = "text"
 OPENMETRICS = "openmetrics"
@@ -64,7 +64,7 @@ class SeriesHead:
 
 
 class Written(Protocol):
-    """What the writer reads from a family (exporters.collectors._families.Family): each sample's
+    """What the writer reads from a family (exporters.collectors.families.Family): each sample's
     label values (in metrics.yaml order, all str) and value (a float), in two parallel lists."""
 
     head: SeriesHead

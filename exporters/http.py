@@ -29,10 +29,10 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from agent import __version__
-from agent.config import split_address
-from exporters.registry import AgentRegistry
-from exporters.webconfig import BasicAuth, WebConfig
+from gpuphase import __version__
+from gpuphase.exporters.registry import AgentRegistry
+from gpuphase.exporters.webconfig import BasicAuth, WebConfig
+from gpuphase.model.addresses import split_address
 
 log = logging.getLogger(__name__)
 

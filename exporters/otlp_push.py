@@ -1,7 +1,7 @@
 """Push the /metrics families to an OpenTelemetry Collector over OTLP, for teams that do not scrape.
 
 What is pushed is rendered from the same CollectorRegistry that serves /metrics, so there is one
-code path for what gpuphase exports: one observable instrument per family of agent/metrics.yaml,
+code path for what gpuphase exports: one observable instrument per family of gpuphase/model/metrics.yaml,
 named exactly as in Prometheus (counters keep `_total`, units stay in the name) because users'
 queries and alerts must not depend on the transport. OTel's naming convention would strip both;
 a Collector's Prometheus exporter would then add them back, and other backends would see names
@@ -13,7 +13,7 @@ become data point attributes unchanged. NVML is never called here: the callbacks
 registry, which renders the sampler's latest snapshot, once per export cycle (`RegistryCache`), so
 all values of one export come from the same collection (used + free = total holds within it).
 
-Endpoint rule (`push_target`):
+Endpoint rule (gpuphase.model.addresses.push_target):
   - http(s)://host[:port]/.../v1/metrics  -> OTLP/HTTP (protobuf), POSTed to exactly that URL
   - host:port or http(s)://host:port      -> OTLP/gRPC
   - https:// means TLS, http:// plaintext; a bare host:port is TLS unless --otlp.metrics-insecure.
@@ -25,14 +25,11 @@ which the OTel exporters read themselves.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterable
-from urllib.parse import urlsplit
 
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
@@ -40,16 +37,15 @@ from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMe
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry
 
-from agent import __version__, metricdefs
-from agent.metricdefs import MetricDef
-from exporters.registry import RateLimitedLog
+from gpuphase import __version__
+from gpuphase.exporters.registry import RateLimitedLog
+from gpuphase.model import metricdefs
+from gpuphase.model.addresses import HTTP, PushConfigError, PushTarget, push_target
+from gpuphase.model.durations import MIN_PUSH_INTERVAL
+from gpuphase.model.metricdefs import MetricDef
 
 log = logging.getLogger(__name__)
 
-GRPC = "grpc"
-HTTP = "http/protobuf"
-HTTP_PATH = "/v1/metrics"
-MIN_INTERVAL_SECONDS = 1.0  # each push is a full render plus an RPC; faster belongs to scraping
 # Stopping must stay prompt (systemd's stop timeout, the kubelet's grace period) even when the
 # Collector is unreachable: the final export gets this long, then the agent goes on stopping.
 SHUTDOWN_TIMEOUT_MILLIS = 5_000
@@ -67,76 +63,6 @@ OTEL_UNITS = {
     "celsius": "Cel",
     "ratio": "1",
 }
-
-
-class PushConfigError(ValueError):
-    """The push settings are unusable; the message says which and why (the agent exits with it)."""
-
-
-@dataclass(frozen=True)
-class PushTarget:
-    protocol: str  # GRPC or HTTP
-    endpoint: str  # GRPC: host:port; HTTP: the full URL
-    plaintext: bool
-
-    def describe(self) -> str:
-        transport = "OTLP/gRPC" if self.protocol == GRPC else "OTLP/HTTP"
-        return f"{transport} {'(plaintext) ' if self.plaintext else '(TLS) '}{self.endpoint}"
-
-
-def push_target(endpoint: str, allow_plaintext: bool) -> PushTarget:
-    """Where and how to push, from --otlp.metrics-endpoint and --otlp.metrics-insecure (rule above)."""
-    text = endpoint.strip()
-    if "://" in text:
-        url = urlsplit(text)
-        if url.scheme not in ("http", "https"):
-            raise PushConfigError(f"--otlp.metrics-endpoint {endpoint!r}: the scheme must be http or https")
-        host, port = _host_and_port(url, endpoint)
-        plaintext = url.scheme == "http"
-        if url.path.rstrip("/") == "":
-            if port is None:
-                raise PushConfigError(f"--otlp.metrics-endpoint {endpoint!r}: an OTLP/gRPC endpoint needs a port "
-                                      "(the Collector's default is 4317)")
-            target = PushTarget(GRPC, _join(host, port), plaintext)
-        elif url.path.endswith(HTTP_PATH):
-            target = PushTarget(HTTP, text, plaintext)
-        else:
-            raise PushConfigError(f"--otlp.metrics-endpoint {endpoint!r}: a URL with a path must end in {HTTP_PATH} "
-                                  "(OTLP/HTTP); for OTLP/gRPC give host:port or a URL without a path")
-    else:
-        url = urlsplit("//" + text)
-        host, port = _host_and_port(url, endpoint)
-        if port is None:
-            raise PushConfigError(f"--otlp.metrics-endpoint {endpoint!r}: expected host:port (OTLP/gRPC), "
-                                  f"http(s)://host:port, or a URL ending in {HTTP_PATH} (OTLP/HTTP)")
-        target = PushTarget(GRPC, _join(host, port), allow_plaintext)
-    if target.plaintext and not allow_plaintext and not _is_loopback(host):
-        raise PushConfigError(f"--otlp.metrics-endpoint {endpoint!r}: refusing to push metrics in plaintext to a "
-                              "host that is not loopback; use https:// or set --otlp.metrics-insecure")
-    return target
-
-
-def _host_and_port(url, endpoint: str) -> tuple[str, int | None]:
-    try:
-        host, port = url.hostname, url.port
-    except ValueError:
-        raise PushConfigError(f"--otlp.metrics-endpoint {endpoint!r}: invalid port") from None
-    if not host:
-        raise PushConfigError(f"--otlp.metrics-endpoint {endpoint!r}: no host")
-    return host, port
-
-
-def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def otel_unit(definition: MetricDef) -> str:
@@ -209,8 +135,8 @@ class MetricsPush:
 
 
 def check_interval(interval: float) -> None:
-    if interval < MIN_INTERVAL_SECONDS:
-        raise PushConfigError(f"--otlp.metrics-interval must be at least {MIN_INTERVAL_SECONDS:g}s, got {interval:g}s")
+    if interval < MIN_PUSH_INTERVAL:
+        raise PushConfigError(f"--otlp.metrics-interval must be at least {MIN_PUSH_INTERVAL:g}s, got {interval:g}s")
 
 
 def _create_instrument(meter, definition: MetricDef, cache: RegistryCache) -> None:

@@ -26,10 +26,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.exposition import choose_encoder
 
-from agent.view import View, ViewSource
-from exporters import exposition
-from exporters.collectors import COLLECTORS, CollectFn
-from exporters.collectors._families import Family
+from gpuphase.exporters import exposition
+from gpuphase.exporters.collectors import COLLECTORS, CollectFn
+from gpuphase.exporters.collectors.families import Family
+from gpuphase.model.view import View, ViewSource
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class RateLimitedLog:
 class AgentCollector:
     """The one custom collector on the exporter's private CollectorRegistry.
 
-    `collectors` defaults to every collector of agent/metrics.yaml; `disabled` names the ones
+    `collectors` defaults to every collector of gpuphase/model/metrics.yaml; `disabled` names the ones
     turned off (--no-collector.NAME / config.disabled_collectors), which are simply not run.
     """
 

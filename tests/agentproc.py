@@ -1,4 +1,4 @@
-"""Run the real agent (`python -m agent.cli run ...`) as a subprocess, for end-to-end tests.
+"""Run the real agent (`python -m gpuphase run ...`) as a subprocess, for end-to-end tests.
 
 Why a subprocess and not an in-process Agent: a crash, a deadlock or a leak must be visible as
 what an operator would see (a dead process, a port that stops answering, a growing RSS), and
@@ -106,7 +106,7 @@ class Metrics(dict):
 
 
 class AgentProcess:
-    """`python -m agent.cli <command> <args>` on free loopback ports, as a context manager.
+    """`python -m gpuphase <command> <args>` on free loopback ports, as a context manager.
 
     env: variables added to (or, with value None, removed from) this process's environment.
     GPUPHASE_* variables of the test runner are never inherited, so a developer's shell cannot
@@ -161,7 +161,7 @@ class AgentProcess:
         self.stop()
 
     def start(self) -> None:
-        command = [sys.executable, "-m", "agent.cli", self.command, *self.args, *self._address_args()]
+        command = [sys.executable, "-m", "gpuphase", self.command, *self.args, *self._address_args()]
         with open(self._stderr_path, "wb") as stderr:
             self._popen = subprocess.Popen(command, cwd=ROOT, env=self._env, stdin=subprocess.DEVNULL,
                                            stdout=stderr, stderr=subprocess.STDOUT)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 
-from agent.snapshot import GpuIdentity, GpuSample
-from agent.spans.windows import DECODE, PREFILL, PhaseWindow
+from gpuphase.model.phase import DECODE, PREFILL, PhaseWindow
+from gpuphase.model.snapshot import GpuIdentity, GpuSample
 
 GPU0 = GpuIdentity(index=0, uuid="GPU-aaaa", name="NVIDIA H100 80GB HBM3", gpm_supported=True)
 GPU1 = GpuIdentity(index=1, uuid="GPU-bbbb", name="NVIDIA H100 80GB HBM3", gpm_supported=True)

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alerts import rules
-from alerts.rules import RuleConfig
+from gpuphase.alerts import rules
+from gpuphase.alerts.rules import RuleConfig
+from gpuphase.model.durations import format_duration
 from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +61,7 @@ def _markdown_anchors(text: str) -> set[str]:
 # --- the generated file ---------------------------------------------------------------------------
 
 def test_committed_rules_file_is_up_to_date():
-    assert RULES_FILE.read_text() == rules.render(), "run: python -m alerts.rules"
+    assert RULES_FILE.read_text() == rules.render(), "run: python -m gpuphase.alerts.rules"
     assert rules.main(["--check"]) == 0
 
 
@@ -99,8 +100,8 @@ def test_set_overrides_fields_by_type():
 @pytest.mark.parametrize("seconds, text", [(30, "30s"), (90, "90s"), (300, "5m"), (5400, "90m"), (21600, "6h"),
                                            (86400, "1d")])
 def test_durations_round_trip(seconds, text):
-    assert rules.fmt_duration(seconds) == text
-    assert rules.parse_duration(text) == seconds
+    assert format_duration(seconds) == text
+    assert rules.window_seconds(text) == seconds
 
 
 # --- every alert is complete ----------------------------------------------------------------------

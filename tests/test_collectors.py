@@ -9,12 +9,13 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import __version__, metricdefs
-from agent.metricdefs import MetricDef
-from exporters import collectors
-from exporters.collectors import COLLECTORS
-from exporters.collectors._families import Family
-from exporters.registry import AgentCollector, RateLimitedLog, StaticViewSource, render
+from gpuphase import __version__
+from gpuphase.exporters import collectors
+from gpuphase.exporters.collectors import COLLECTORS
+from gpuphase.exporters.collectors.families import Family
+from gpuphase.exporters.registry import AgentCollector, RateLimitedLog, StaticViewSource, render
+from gpuphase.model import metricdefs
+from gpuphase.model.metricdefs import MetricDef
 from tests import views
 from tests.views import A100, H100, LOST, NEVER_SEEN, NOW, rich_view
 
@@ -178,12 +179,14 @@ def test_before_the_first_snapshot_only_agent_and_health_series_render():
 
 
 def test_a_raising_collector_reports_failure_and_the_rest_still_render(monkeypatch, caplog):
+    working = COLLECTORS["gpm"]
+
     def broken(view):
-        yield from collectors.gpm.collect(view)
+        yield from working(view)
         raise RuntimeError("boom")
 
     monkeypatch.setitem(COLLECTORS, "gpm", broken)
-    with caplog.at_level(logging.ERROR, logger="exporters.registry"):
+    with caplog.at_level(logging.ERROR, logger="gpuphase.exporters.registry"):
         text = render(rich_view())
     assert value(text, "gpu_scrape_collector_success", collector="gpm") == 0
     assert value(text, "gpu_scrape_collector_success", collector="memory") == 1
@@ -278,7 +281,7 @@ def test_adding_a_device_metric_to_metrics_yaml_is_the_only_step(monkeypatch):
 def test_rate_limited_log_holds_back_repeats_and_counts_them(caplog):
     now = [100.0]
     limited = RateLimitedLog(interval=60, clock=lambda: now[0])
-    with caplog.at_level(logging.ERROR, logger="exporters.registry"):
+    with caplog.at_level(logging.ERROR, logger="gpuphase.exporters.registry"):
         for _ in range(3):
             try:
                 raise ValueError("again")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from agent.cli import config_from_cli, main
-from agent.config import Config, ConfigError, parse_duration, parse_size
+from gpuphase.agent.config import Config, ConfigError, parse_duration, parse_size
+from gpuphase.cli import config_from_cli, main
 
 
 def params(**given):
@@ -132,8 +132,8 @@ def test_bad_push_endpoint_is_a_config_error():
 
 def _readme_flag_rows() -> list[tuple[list[str], list[str]]]:
     """(flags, defaults) of each row of README.md's flag table."""
-    from pathlib import Path
     import re
+    from pathlib import Path
 
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     rows = []
@@ -146,7 +146,7 @@ def _readme_flag_rows() -> list[tuple[list[str], list[str]]]:
 
 
 def test_readme_flag_table_names_every_option_with_its_default():
-    from agent.config import OPTIONS, OPTIONS_BY_FLAG
+    from gpuphase.agent.config import OPTIONS, OPTIONS_BY_FLAG
 
     rows = _readme_flag_rows()
     documented = {flag for flags, _ in rows for flag in flags}

@@ -1,5 +1,5 @@
 """Grafana dashboards: committed JSON up to date and well-formed, every query parsed by a real
-Prometheus (empty TSDB on loopback), every metric it names declared in agent/metrics.yaml or
+Prometheus (empty TSDB on loopback), every metric it names declared in gpuphase/model/metrics.yaml or
 recorded by alerts/gpuphase-rules.yaml, and units, variables and datasources set everywhere.
 
 Grafana itself cannot run here; the end-to-end test runs all_queries() against a Prometheus
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import metricdefs
-from alerts import rules
-from dashboards import build
+from gpuphase.alerts import rules
+from gpuphase.dashboards import build
+from gpuphase.model import metricdefs
 from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ def _metric_names(expr: str) -> set[str]:
 # --- files ----------------------------------------------------------------------------------------
 
 def test_committed_json_is_up_to_date():
-    assert build.main(["--check"]) == 0, "run: python -m dashboards.build"
+    assert build.main(["--check"]) == 0, "run: python -m gpuphase.dashboards.build"
 
 
 def test_check_reports_a_stale_file(tmp_path, capsys):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dashboards.build import all_queries
+from gpuphase.dashboards.build import all_queries
 from tests.agentproc import AgentProcess
 from tests.realprom import Alertmanager, Prometheus, wait_until
 
@@ -26,7 +26,7 @@ HEALTHY_GPUS = {"0", "1"}
 
 def scaled_rules(path: Path) -> Path:
     """The repo's rules with every `for:` and alert window divided by 100 (6 h unused -> 20 s here)."""
-    subprocess.run([sys.executable, "-m", "alerts.rules", "--for-scale", "0.01", "--set", "unused_for=20s",
+    subprocess.run([sys.executable, "-m", "gpuphase.alerts.rules", "--for-scale", "0.01", "--set", "unused_for=20s",
                     "-o", str(path)], check=True, cwd=ROOT)
     return path
 

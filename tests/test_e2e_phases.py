@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.timeline import phase_durations
+from gpuphase.demo.truth import phase_durations
 from tests.agentproc import AgentProcess
 from tests.realprom import wait_until
 

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from agent import metricdefs
+from gpuphase.model import metricdefs
 from tests.agentproc import AgentProcess
 from tests.conftest import require_tool
 from tests.realprom import Prometheus, wait_until
@@ -65,7 +65,7 @@ def test_run_without_a_driver_exits_with_a_clear_message(tmp_path):
     probe = subprocess.run(["sh", "-c", "ldconfig -p | grep -q libnvidia-ml.so.1"])
     if probe.returncode == 0:
         pytest.skip("this host has an NVIDIA driver (tests/test_faults.py covers a missing one via the fake)")
-    result = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--web.listen-address", "127.0.0.1:0"],
+    result = subprocess.run([sys.executable, "-m", "gpuphase", "run", "--web.listen-address", "127.0.0.1:0"],
                             capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin",
                                                                              "LD_LIBRARY_PATH": str(tmp_path)},
                             cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))

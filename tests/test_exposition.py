@@ -18,11 +18,11 @@ from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.utils import floatToGoString
 
-from agent.metricdefs import MetricDef
 from benchmarks.scrape import PROMETHEUS_ACCEPT
-from exporters.collectors._families import Family
-from exporters.exposition import OPENMETRICS, TEXT, ExpositionWriter, dialect, format_value
-from exporters.registry import StaticViewSource, build_registry
+from gpuphase.exporters.collectors.families import Family
+from gpuphase.exporters.exposition import OPENMETRICS, TEXT, ExpositionWriter, dialect, format_value
+from gpuphase.exporters.registry import StaticViewSource, build_registry
+from gpuphase.model.metricdefs import MetricDef
 from tests import views
 
 PROPERTY_SETTINGS = settings(max_examples=100, deadline=None)

@@ -23,7 +23,6 @@ import time
 
 import grpc
 import pytest
-from google.protobuf import json_format
 from google.rpc import status_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -31,7 +30,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from agent.config import OPTIONS, ConfigError
+from gpuphase.agent.config import OPTIONS, ConfigError
 from tests import spanfactory as f
 from tests.agentproc import AgentProcess, poll
 
@@ -338,7 +337,7 @@ yaml_values = st.recursive(yaml_scalars, lambda children: st.one_of(
 @settings(max_examples=150, deadline=None)
 @given(flag=st.sampled_from(FLAGS), value=yaml_values, padding=st.integers(0, 5), unknown=st.booleans())
 def test_config_file_errors_name_the_file_line_and_reason(tmp_path_factory, flag, value, padding, unknown):
-    from agent.cli import config_from_cli
+    from gpuphase.cli import config_from_cli
 
     key = flag + "x" if unknown else flag
     path = tmp_path_factory.mktemp("config") / "gpuphase.yaml"

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 from prometheus_client.exposition import generate_latest
 
-from agent.backends.sim import PHASE_ACTIVITY, SimBackend
-from agent.phases import PhaseAccountant
-from agent.sampler import Sampler
-from agent.snapshot import ProcessReading, ProcessSample
-from agent.spans.windows import DECODE, PREFILL, PhaseWindow
-from agent.view import SamplerStats, SpanStats, View
-from exporters.registry import StaticViewSource, build_registry, render
+from gpuphase.agent.backends.sim import PHASE_ACTIVITY, SimBackend
+from gpuphase.agent.phases import PhaseAccountant
+from gpuphase.agent.sampler import Sampler
+from gpuphase.exporters.registry import StaticViewSource, build_registry, render
+from gpuphase.model.phase import DECODE, PREFILL, PhaseWindow
+from gpuphase.model.snapshot import ProcessReading, ProcessSample
+from gpuphase.model.view import SamplerStats, SpanStats, View
 from tests.conftest import require_tool
 
 GOLDEN = Path(__file__).with_name("golden")
@@ -98,14 +98,13 @@ def sim_scenario(profile: str) -> View:
 
 
 def fake_nvml_scenario(fake_nvml_library, tmp_path) -> View:
-    from agent.backends.nvml import NvmlBackend
-    from agent.config import Config
+    from gpuphase.agent.backends.nvml import NvmlBackend
     from tests.fakenvml import FakeNvml
 
     with FakeNvml(fake_nvml_library, tmp_path).activate() as fake:
         fake.control({"gpus": 3, "frozen_time": 42.0, "gpu1.gpm": 0, "gpu0.processes": "4242:75161927680",
                       "gpu0.xid": "79,13", "gpu1.unsupported": "field82"})
-        backend = NvmlBackend(Config(), event_wait_ms=20)
+        backend = NvmlBackend(event_wait_ms=20)
         clock = ManualClock(START)
 
         def lose_gpu2(tick):

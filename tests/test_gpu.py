@@ -24,8 +24,7 @@ import time
 import pynvml
 import pytest
 
-from agent.backends.nvml import NvmlBackend
-from agent.config import Config
+from gpuphase.agent.backends.nvml import NvmlBackend
 from tests.agentproc import AgentProcess, poll
 from tests.conftest import require_tool
 from tests.fakenvml import FakeNvml
@@ -71,7 +70,7 @@ def host(request, fake_nvml_library, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def backend(host):
-    backend = NvmlBackend(Config(backend="nvml"))
+    backend = NvmlBackend()
     yield backend
     backend.close()
 

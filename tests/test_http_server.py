@@ -10,10 +10,10 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import __version__
-from exporters.collectors import COLLECTORS
-from exporters.http import MetricsServer, accepts_gzip
-from exporters.registry import build_registry, StaticViewSource
+from gpuphase import __version__
+from gpuphase.exporters.collectors import COLLECTORS
+from gpuphase.exporters.http import MetricsServer, accepts_gzip
+from gpuphase.exporters.registry import StaticViewSource, build_registry
 from tests.views import rich_view
 
 

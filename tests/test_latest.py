@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from agent.latest import LatestValueWorker
+from gpuphase.agent.latest import LatestValueWorker
 
 
 def test_values_posted_while_busy_fold_into_the_newest():

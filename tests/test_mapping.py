@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.snapshot import GpuIdentity, GpuSample, ProcessSample, Snapshot
-from agent.spans.mapping import SpanMapper
+from gpuphase.agent.spans.mapping import SpanMapper
+from gpuphase.model.snapshot import GpuIdentity, GpuSample, ProcessSample, Snapshot
 from tests.phase_helpers import decode
 
 GPUS = [GpuIdentity(index=i, uuid=f"GPU-{i}{i}{i}{i}-uuid", name="NVIDIA H100 80GB HBM3") for i in range(4)]

@@ -1,4 +1,4 @@
-"""agent/metrics.yaml is the one source of truth: what is emitted, what is declared and what is
+"""gpuphase/model/metrics.yaml is the one source of truth: what is emitted, what is declared and what is
 documented must be the same set, with the same types, help and labels."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import metricdefs
-from exporters import docs
-from exporters.collectors import COLLECTORS
-from exporters.registry import render
+from gpuphase.exporters import docs
+from gpuphase.exporters.collectors import COLLECTORS
+from gpuphase.exporters.registry import render
+from gpuphase.model import metricdefs
 from tests.views import rich_view
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +32,7 @@ def sample_name(family_name: str) -> str:
 def test_every_emitted_family_is_declared_with_its_type_help_and_labels():
     for family_name, family in emitted_families().items():
         name = sample_name(family_name)
-        assert name in DEFINITIONS, f"{name} is emitted but not declared in agent/metrics.yaml"
+        assert name in DEFINITIONS, f"{name} is emitted but not declared in gpuphase/model/metrics.yaml"
         definition = DEFINITIONS[name]
         assert family.type == definition.type, name
         assert family.documentation == definition.help, name
@@ -66,7 +66,7 @@ def test_naming_conventions(definition):
 
 def test_docs_metrics_md_is_up_to_date():
     result = subprocess.run(
-        [sys.executable, "-m", "exporters.docs", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "gpuphase.exporters.docs", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
 

@@ -13,9 +13,9 @@ import time
 import pynvml
 import pytest
 
-from agent.backends import BackendUnavailable, GpuLost, nvml
-from agent.backends.nvml import NvmlBackend
-from agent.config import Config
+from gpuphase.agent.backends import BackendUnavailable, GpuLost
+from gpuphase.agent.backends.nvml import NvmlBackend
+from gpuphase.agent.backends.nvml import fields as nvml_fields
 from tests.fakenvml import FakeNvml
 
 GIB = 1024**3
@@ -39,7 +39,7 @@ def fake(fake_nvml_library, tmp_path):
 
 @pytest.fixture
 def backend(fake):
-    backend = NvmlBackend(Config(), event_wait_ms=EVENT_WAIT_MS)
+    backend = NvmlBackend(event_wait_ms=EVENT_WAIT_MS)
     yield backend
     backend.close()
 
@@ -102,7 +102,7 @@ def test_fake_struct_layouts_match_pynvml(fake, c_name, ctypes_struct):
 def test_field_answers_decode_every_value_type_from_the_driver_layout(value_type, member, value, stale):
     """The field-values answer is unpacked in one go rather than read member by member: each
     value type must come out as pynvml's union reads it, whatever the union's other bytes hold."""
-    request = nvml._FieldRequest(nvml._FIELDS[:2])
+    request = nvml_fields.FieldRequest(nvml_fields.FIELDS[:2])
     entries = (pynvml.c_nvmlFieldValue_t * 2).from_buffer(request._entries)  # as the driver sees them
     for entry, status in zip(entries, (pynvml.NVML_SUCCESS, pynvml.NVML_ERROR_NOT_SUPPORTED)):
         entry.value.ullVal = stale
@@ -113,7 +113,7 @@ def test_field_answers_decode_every_value_type_from_the_driver_layout(value_type
 
     assert answers[0::3] == (value_type, value_type)
     assert answers[1::3] == (pynvml.NVML_SUCCESS, pynvml.NVML_ERROR_NOT_SUPPORTED)
-    assert nvml._DECODE[value_type](answers[2]) == float(getattr(entries[0].value, member)) == float(value)
+    assert nvml_fields.DECODE[value_type](answers[2]) == float(getattr(entries[0].value, member)) == float(value)
 
 
 def test_discover_reports_identity_of_every_gpu(backend):
@@ -215,7 +215,7 @@ def test_temperature_falls_back_to_the_deprecated_call_on_old_drivers(backend, f
 
 
 def test_discover_after_close_starts_again(fake):
-    backend = NvmlBackend(Config(), event_wait_ms=EVENT_WAIT_MS)
+    backend = NvmlBackend(event_wait_ms=EVENT_WAIT_MS)
     first = backend.discover()
     backend.close()
     try:
@@ -326,7 +326,7 @@ def test_xid_storm_keeps_counting(backend, fake):
 
 
 def test_close_stops_the_event_thread(fake):
-    backend = NvmlBackend(Config(), event_wait_ms=EVENT_WAIT_MS)
+    backend = NvmlBackend(event_wait_ms=EVENT_WAIT_MS)
     backend.discover()
     assert any(t.name == "nvml-xid-events" for t in threading.enumerate())
     backend.close()
@@ -351,7 +351,7 @@ def test_missing_library_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(pynvml, "CDLL", no_library)
     monkeypatch.setattr(pynvml, "_nvmlGetFunctionPointer_cache", {})
     with pytest.raises(BackendUnavailable, match="libnvidia-ml.so.1 not found") as caught:
-        NvmlBackend(Config(), event_wait_ms=EVENT_WAIT_MS).discover()
+        NvmlBackend(event_wait_ms=EVENT_WAIT_MS).discover()
     assert "--backend sim" in str(caught.value)
 
 

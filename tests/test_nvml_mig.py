@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-from agent.backends import GpuLost
-from agent.backends.nvml import NvmlBackend, _mig_profile
-from agent.config import Config
-from agent.sampler import Sampler
-from agent.view import View
-from exporters.registry import render
+from gpuphase.agent.backends import GpuLost
+from gpuphase.agent.backends.nvml import NvmlBackend
+from gpuphase.agent.backends.nvml.mig import mig_profile
+from gpuphase.agent.sampler import Sampler
+from gpuphase.exporters.registry import render
+from gpuphase.model.view import View
 from tests.fakenvml import FakeNvml
 from tests.test_collectors import series, value
 from tests.test_nvml_backend import EVENT_WAIT_MS, eventually, read_until
@@ -37,7 +37,7 @@ def backends():
     made = []
 
     def make(**options):
-        backend = NvmlBackend(Config(), event_wait_ms=EVENT_WAIT_MS, **options)
+        backend = NvmlBackend(event_wait_ms=EVENT_WAIT_MS, **options)
         made.append(backend)
         return backend
 
@@ -243,4 +243,4 @@ def test_mig_handles_are_not_gpu_handles_in_the_fake(backend, fake):
     ("NVIDIA H100 80GB HBM3", "unknown"),
 ])
 def test_profile_comes_from_the_mig_device_name(name, profile):
-    assert _mig_profile(name) == profile
+    assert mig_profile(name) == profile

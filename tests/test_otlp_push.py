@@ -19,9 +19,11 @@ from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExp
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 
-from agent import __version__, metricdefs
-from exporters.otlp_push import GRPC, HTTP, MetricsPush, PushConfigError, PushTarget, otel_unit, push_target
-from exporters.registry import StaticViewSource, build_registry, render
+from gpuphase import __version__
+from gpuphase.exporters.otlp_push import MetricsPush, otel_unit
+from gpuphase.exporters.registry import StaticViewSource, build_registry, render
+from gpuphase.model import metricdefs
+from gpuphase.model.addresses import GRPC, HTTP, PushConfigError, PushTarget, push_target
 from tests.agentproc import HOST, AgentProcess, Metrics, poll
 from tests.views import rich_view
 

@@ -22,10 +22,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind
 
-from agent.spans.grpc_server import start_grpc_server
-from agent.spans.http_server import start_http_server
-from agent.spans.receiver import SpanIntake
-from agent.spans.windows import DECODE, PREFILL
+from gpuphase.agent.spans.grpc_server import start_grpc_server
+from gpuphase.agent.spans.http_server import start_http_server
+from gpuphase.agent.spans.receiver import SpanIntake
+from gpuphase.model.phase import DECODE, PREFILL
 from tests import spanfactory as f
 from tests.spanfactory import T0
 

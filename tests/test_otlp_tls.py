@@ -14,9 +14,9 @@ import grpc
 import pytest
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
 
-from agent.spans.grpc_server import start_grpc_server
-from agent.spans.receiver import SpanIntake
-from exporters.webconfig import WebConfig, WebConfigError, grpc_server_credentials, load_web_config
+from gpuphase.agent.spans.grpc_server import start_grpc_server
+from gpuphase.agent.spans.receiver import SpanIntake
+from gpuphase.exporters.webconfig import WebConfig, WebConfigError, grpc_server_credentials, load_web_config
 from tests import spanfactory
 from tests.agentproc import HOST, AgentProcess, poll
 from tests.test_otlp_receiver import EXPORT, send_vllm_span_with_sdk

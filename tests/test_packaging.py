@@ -8,16 +8,18 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
 import subprocess
+import sys
 import sysconfig
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import IN_CI, require_tool
+
+from tests.layout import PACKAGE_FOLDERS, PACKAGED_FOLDERS
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGING = ROOT / "packaging"
@@ -116,7 +118,7 @@ def test_unit_runs_unprivileged_hardened_and_notifies():
 
 def test_default_file_names_only_real_settings():
     """Every GPUPHASE_* variable in the shipped /etc/default file is one the agent reads."""
-    from agent.config import OPTIONS
+    from gpuphase.agent.config import OPTIONS
 
     known = {option.env for option in OPTIONS} | {"GPUPHASE_ARGS", "GPUPHASE_CONFIG"}
     text = (PACKAGING / "systemd" / "gpuphase.default").read_text()
@@ -136,22 +138,19 @@ def source_copy(tmp_path):
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, source / name)
     (source / "README.md").touch()
-    for package in ("agent", "exporters"):
-        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in PACKAGED_FOLDERS:
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     return source
 
 
 def _require_offline_build() -> None:
     """pip builds the sdist with --no-build-isolation, i.e. with the installed setuptools, which
     needs bdist_wheel (the `wheel` package, or setuptools >= 70.1)."""
-    try:
-        import wheel  # noqa: F401
-    except ImportError:
-        import setuptools
+    import setuptools
 
-        if tuple(int(p) for p in setuptools.__version__.split(".")[:2]) < (70, 1):
-            message = "building offline needs the `wheel` package (pip install wheel)"
-            pytest.fail(message) if IN_CI else pytest.skip(message)
+    if tuple(int(p) for p in setuptools.__version__.split(".")[:2]) < (77, 0):
+        message = f"building offline needs setuptools >= 77 (pyproject's SPDX license), not {setuptools.__version__}"
+        pytest.fail(message) if IN_CI else pytest.skip(message)
 
 
 def test_install_script_into_a_temporary_prefix(tmp_path, source_copy):
@@ -204,6 +203,89 @@ def test_install_script_into_a_temporary_prefix(tmp_path, source_copy):
     assert subprocess.run(["id", "-u", user], capture_output=True).returncode != 0
 
 
+@pytest.fixture(scope="module")
+def built_wheel(tmp_path_factory) -> Path:
+    """The wheel `pip wheel .` builds from a copy of the sources (offline, with this interpreter's setuptools)."""
+    _require_offline_build()
+    work = tmp_path_factory.mktemp("wheel")
+    source = work / "src"
+    source.mkdir()
+    shutil.copy(ROOT / "pyproject.toml", source)
+    shutil.copy(ROOT / "README.md", source)
+    for folder in PACKAGED_FOLDERS:
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+         "-w", work / "dist", source)
+    (wheel,) = (work / "dist").glob("gpuphase-*.whl")
+    return wheel
+
+
+def _wheel_names(wheel: Path) -> set[str]:
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as archive:
+        return set(archive.namelist())
+
+
+def test_wheel_installs_one_top_level_package(built_wheel):
+    names = _wheel_names(built_wheel)
+    top_level = {name.split("/")[0] for name in names if ".dist-info/" not in name}
+    assert top_level == {"gpuphase"}
+    (top_level_txt,) = [n for n in names if n.endswith(".dist-info/top_level.txt")] or [None]
+    if top_level_txt:
+        import zipfile
+
+        with zipfile.ZipFile(built_wheel) as archive:
+            assert archive.read(top_level_txt).decode().split() == ["gpuphase"]
+
+
+def test_wheel_holds_every_module_and_the_data_read_at_run_time(built_wheel):
+    names = _wheel_names(built_wheel)
+    expected = set()
+    for package, folder in PACKAGE_FOLDERS.items():
+        base = ROOT / folder
+        for path in base.rglob("*.py"):
+            expected.add("/".join((*package.split("."), *path.relative_to(base).parts)))
+    missing = sorted(expected - names)
+    assert not missing, f"modules missing from the wheel (add their package to pyproject): {missing}"
+    data = {"gpuphase/model/metrics.yaml", "gpuphase/alerts/gpuphase-rules.yaml", "gpuphase/alerts/alertmanager.yml",
+            *(f"gpuphase/dashboards/{p.name}" for p in (ROOT / "dashboards").glob("*.json"))}
+    assert data <= names, sorted(data - names)
+
+
+def test_the_installed_wheel_runs_without_the_repository(built_wheel, tmp_path):
+    """Installed on its own (no editable finder, no repository on sys.path), the agent and the demo
+    start, and every module comes from the installed package."""
+    target = tmp_path / "site"
+    _run(sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", target, built_wheel)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(target), *dict.fromkeys(sysconfig.get_path(p) for p in ("purelib", "platlib"))]), "PYTHONNOUSERSITE": "1"}
+    probe = ("import sys, gpuphase.agent.app, gpuphase.demo.run, gpuphase.exporters.registry, gpuphase.alerts.rules, "
+             "gpuphase.dashboards.build, gpuphase.model.metricdefs as m; "
+             "assert m.load(); "
+             "bad = [n for n, mod in sys.modules.items() if n.startswith('gpuphase') and getattr(mod, '__file__', None) "
+             f"and not mod.__file__.startswith({str(target)!r})]; "
+             "assert not bad, bad; "
+             "assert not any(n.split('.')[0] in ('agent', 'exporters', 'alerts', 'dashboards') for n in sys.modules)")
+    _run(sys.executable, "-I", "-c", f"import sys; sys.path[:0] = {env['PYTHONPATH'].split(os.pathsep)!r}; {probe}",
+         cwd=tmp_path)
+    ports = ["--web.listen-address", "127.0.0.1:0", "--otlp.grpc-listen-address", "127.0.0.1:0",
+             "--otlp.http-listen-address", ""]
+    demo = _run(sys.executable, "-m", "gpuphase", "demo", "--demo.duration", "2", *ports, env=env, cwd=tmp_path)
+    assert "gpuphase demo: scenario" in demo.stdout
+    run = subprocess.Popen([sys.executable, "-m", "gpuphase", "run", "--backend", "sim", *ports], env=env,
+                           cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        seen = ""
+        while "ready:" not in seen and time.monotonic() < deadline and run.poll() is None:
+            seen += run.stderr.readline()
+        assert run.poll() is None and "ready:" in seen, seen
+    finally:
+        run.terminate()
+        run.wait(timeout=30)
+
+
 def test_install_script_refuses_unknown_arguments():
     result = _run("bash", INSTALL_SH, "--frobnicate", check=False)
     assert result.returncode != 0 and "unknown argument --frobnicate" in result.stderr
@@ -221,7 +303,7 @@ OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}  # CRDs: no schema in kube
 def _require_rules_file() -> None:
     """The PrometheusRule component is generated from the alert rules; without them it is missing."""
     if not RULES_FILE.exists():
-        message = f"{RULES_FILE.relative_to(ROOT)} does not exist yet (python -m alerts.rules writes it)"
+        message = f"{RULES_FILE.relative_to(ROOT)} does not exist yet (python -m gpuphase.alerts.rules writes it)"
         pytest.fail(message) if IN_CI else pytest.skip(message)
 
 
@@ -280,7 +362,7 @@ def test_base_renders_valid_and_locked_down():
 
 
 def test_base_args_are_flags_the_agent_accepts_and_ports_match_them():
-    from agent.config import OPTIONS_BY_FLAG
+    from gpuphase.agent.config import OPTIONS_BY_FLAG
 
     container = _container(_kustomize(KUSTOMIZE_BASE))
     flags = dict(arg[2:].split("=", 1) for arg in container["args"])
@@ -431,9 +513,15 @@ def test_dockerfile_final_stage_is_non_root_and_runs_the_agent():
     assert users and users[-1].split(":")[0] == "65532"
     entrypoint = next(a for i, a in final if i == "ENTRYPOINT")
     assert yaml.safe_load(entrypoint) == ["gpuphase", "run"]  # exec form (JSON), so signals reach the agent
-    assert 'gpuphase = "agent.cli:main"' in (ROOT / "pyproject.toml").read_text()
+    assert 'gpuphase = "gpuphase.cli:main"' in (ROOT / "pyproject.toml").read_text()
     exposed = {p for i, a in final if i == "EXPOSE" for p in a.split()}
     assert exposed == {"9842", "4317", "4318"}
+
+
+def test_dockerfile_copies_what_pyproject_packages():
+    copied = {args.split()[0] for instruction, args in _dockerfile_instructions()
+              if instruction == "COPY" and not args.startswith("--from=")}
+    assert copied - {"pyproject.toml", "README*"} == set(PACKAGED_FOLDERS)
 
 
 def test_dockerfile_hygiene():

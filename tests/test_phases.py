@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from agent.phases import OTHER_SERVICE, Interval, PhaseAccountant, Segment, timeline
+from gpuphase.agent.phases import OTHER_SERVICE, Interval, PhaseAccountant, Segment, timeline
 from tests.phase_helpers import GPU0, GPU1, KEY0, KEY1, decode, prefill, sample, totals
 
 SETTLE = 15.0

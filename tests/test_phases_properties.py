@@ -3,7 +3,7 @@
 (a) the phase seconds of a mapped GPU sum to the finalised wall time;
 (b) no counter ever goes down, and no series disappears, across successive advance() calls;
 (c) the result does not depend on the order or batching in which windows arrive;
-(d) the phase seconds equal those of agent/timeline.py's reference sweep over the raw windows,
+(d) the phase seconds equal those of gpuphase/demo/truth.py's reference sweep over the raw windows,
     although the accountant keeps only their union per (service, phase).
 """
 
@@ -15,9 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.phases import PhaseAccountant, _Lane
-from agent.timeline import phase_durations
-from agent.view import PhaseSeries
+from gpuphase.agent.phases import PhaseAccountant
+from gpuphase.agent.phases.intervals import Lane
+from gpuphase.demo.truth import phase_durations
+from gpuphase.model.view import PhaseSeries
 from tests.phase_helpers import GPU0, GPU1, KEY0, KEY1, decode, prefill, sample
 
 SETTLE = 5.0
@@ -174,7 +175,7 @@ def test_a_group_placement_counts_on_each_gpu_as_placing_on_each_alone(times, la
 @given(intervals=st.lists(st.tuples(st.integers(0, 100), st.integers(1, 20)), max_size=40))
 def test_a_lane_holds_exactly_the_union_of_its_intervals(intervals):
     # (The ledger never adds an empty interval: a zero-length window has tokens but no time.)
-    lane = _Lane(0, "s", "decode")
+    lane = Lane(0, "s", "decode")
     covered: set[int] = set()  # unit cells [t, t+1) covered, for a brute-force union
     for start, length in intervals:
         lane.add(float(start), float(start + length))

@@ -14,9 +14,8 @@ from concurrent import futures
 import grpc
 import pytest
 
-from agent import _podresources_pb as pb
-from agent.podresources import PodRef, PodResourcesWatcher, device_map
-
+from gpuphase.agent import _podresources_pb as pb
+from gpuphase.agent.podresources import PodRef, PodResourcesWatcher, device_map
 
 # --- protobuf wire encoding, by hand ------------------------------------------------------------
 
@@ -181,7 +180,7 @@ def test_background_refresh_picks_up_changes(watcher, kubelet):
 
 
 def test_missing_socket_means_no_labels_and_one_debug_log(tmp_path, caplog):
-    caplog.set_level(logging.DEBUG, logger="agent.podresources")
+    caplog.set_level(logging.DEBUG, logger="gpuphase.agent.podresources")
     w = PodResourcesWatcher(str(tmp_path / "absent.sock"))
     assert not w.refresh()
     assert not w.refresh()
@@ -207,7 +206,7 @@ def test_socket_appearing_later_is_picked_up(tmp_path):
 
 
 def test_server_error_keeps_last_good_data_and_counts(watcher, kubelet, caplog):
-    caplog.set_level(logging.INFO, logger="agent.podresources")
+    caplog.set_level(logging.INFO, logger="gpuphase.agent.podresources")
     kubelet.response = _response(VLLM)
     assert watcher.refresh()
     kubelet.error = grpc.StatusCode.RESOURCE_EXHAUSTED  # the kubelet's rate limiter says this
@@ -241,8 +240,8 @@ def test_stale_mapping_is_dropped(kubelet):
 
 
 def test_label_with_owner_names_pod_processes_only():
-    from agent.podresources import PodRef, label_with_owner
-    from agent.snapshot import ProcessSample
+    from gpuphase.agent.podresources import PodRef, label_with_owner
+    from gpuphase.model.snapshot import ProcessSample
 
     in_pod = ProcessSample(pid=1, process_name="python3", container="3f2a9c81d4e7", pod="7d0c7d36-uid")
     on_host = ProcessSample(pid=2, process_name="nvtop")

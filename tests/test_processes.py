@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.processes import (
+from gpuphase.agent.processes import (
     MAX_NAME_LENGTH,
     ProcessResolver,
     container_id_from_cgroup,
@@ -18,7 +18,7 @@ from agent.processes import (
     pod_uid_from_cgroup,
     process_start_time,
 )
-from agent.snapshot import ProcessReading, ProcessSample
+from gpuphase.model.snapshot import ProcessReading, ProcessSample
 
 CID = "3f4e2a1b9c8d7e6f" + "0123456789abcdef" * 3  # 64 hex characters
 SHORT = CID[:12]

@@ -9,11 +9,10 @@ import time
 
 import pytest
 
-from agent.backends import GpuLost
-from agent.backends.nvml import NvmlBackend
-from agent.config import Config
-from agent.sampler import Sampler
-from agent.snapshot import GpuIdentity, GpuReading, ProcessReading
+from gpuphase.agent.backends import GpuLost
+from gpuphase.agent.backends.nvml import NvmlBackend
+from gpuphase.agent.sampler import Sampler
+from gpuphase.model.snapshot import GpuIdentity, GpuReading, ProcessReading
 from tests.fakenvml import FakeNvml
 
 
@@ -264,7 +263,7 @@ def fake(fake_nvml_library, tmp_path):
 
 
 def test_gpu_hung_in_nvml_leaves_the_others_fresh_every_tick_and_comes_back(fake):
-    backend = NvmlBackend(Config(), event_wait_ms=50)
+    backend = NvmlBackend(event_wait_ms=50)
     sampler = Sampler(backend, interval=0.5, timeout=1.0)
     sampler.start(run_loop=False)
     healthy = (0, 2, 3)

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from agent import sdnotify
+from gpuphase.agent import sdnotify
 
 
 @pytest.fixture

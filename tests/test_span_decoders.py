@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.spans.decoders import decode_request
-from agent.spans.windows import DECODE, PREFILL
+from gpuphase.agent.spans.decoders import decode_request
+from gpuphase.model.phase import DECODE, PREFILL
 from tests import spanfactory as f
 from tests.spanfactory import T0
 

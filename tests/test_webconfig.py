@@ -14,10 +14,10 @@ import bcrypt
 import pytest
 import yaml
 
-from exporters import webconfig
-from exporters.http import MetricsServer
-from exporters.registry import StaticViewSource, build_registry
-from exporters.webconfig import BasicAuth, WebConfig, WebConfigError, load_web_config
+from gpuphase.exporters import webconfig
+from gpuphase.exporters.http import MetricsServer
+from gpuphase.exporters.registry import StaticViewSource, build_registry
+from gpuphase.exporters.webconfig import BasicAuth, WebConfig, WebConfigError, load_web_config
 from tests.conftest import require_tool
 from tests.views import rich_view
 

@@ -1,6 +1,6 @@
 """Hand-built Views for the exporter tests: every field set on purpose, nothing random.
 
-rich_view() is the scenario that must exercise every metric in agent/metrics.yaml:
+rich_view() is the scenario that must exercise every metric in gpuphase/model/metrics.yaml:
   GPU 0  H100, GPM, two processes (one without a utilization sample), two MIG instances,
          phases for service "vllm" with activity integrals, an XID
   GPU 1  A100, no GPM: the GPM series must be absent, phase integrals None
@@ -11,8 +11,8 @@ rich_view() is the scenario that must exercise every metric in agent/metrics.yam
 
 from __future__ import annotations
 
-from agent.snapshot import GpuIdentity, GpuSample, MigReading, ProcessSample, Snapshot
-from agent.view import PhaseSeries, SamplerStats, SpanStats, View
+from gpuphase.model.snapshot import GpuIdentity, GpuSample, MigReading, ProcessSample, Snapshot
+from gpuphase.model.view import PhaseSeries, SamplerStats, SpanStats, View
 
 NOW = 1_700_000_000.0
 GIB = 1024.0**3

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from agent.snapshot import GpuIdentity, GpuReading
+from gpuphase.model.snapshot import GpuIdentity, GpuReading
 
 
 class BackendUnavailable(RuntimeError):
@@ -39,11 +39,11 @@ def create_backend(config) -> Backend:
     """Build the backend the config asks for. `auto` means NVML: it never falls back to simulated data."""
     kind = config.backend
     if kind in ("auto", "nvml"):
-        from agent.backends.nvml import NvmlBackend
+        from gpuphase.agent.backends.nvml import NvmlBackend
 
-        return NvmlBackend(config)
+        return NvmlBackend()
     if kind == "sim":
-        from agent.backends.sim import SimBackend
+        from gpuphase.agent.backends.sim import SimBackend
 
         return SimBackend.from_config(config)
     raise BackendUnavailable(f"unknown backend {kind!r}; use auto, nvml or sim")

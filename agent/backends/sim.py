@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from agent.backends import GpuLost
-from agent.snapshot import GpuIdentity, GpuReading, ProcessReading
+from gpuphase.agent.backends import GpuLost
+from gpuphase.model.snapshot import GpuIdentity, GpuReading, ProcessReading
 
 MIB = 1024 * 1024
 
@@ -39,7 +39,7 @@ class GpuProfile:
 
 
 PROFILES: dict[str, GpuProfile] = {
-    # Power: design.md §5 reference values (idle ~75 W, prefill ~700 W, decode ~380 W).
+    # Power: the reference values in docs/phases.md (idle ~75 W, prefill ~700 W, decode ~380 W).
     "h100-sxm-80gb": GpuProfile(
         model="NVIDIA H100 80GB HBM3",
         memory_total_bytes=81559 * MIB,
@@ -92,7 +92,7 @@ class Activity:
 _ACTIVITY_FIELDS = tuple(Activity.__dataclass_fields__)
 IDLE = Activity()
 
-# Typical activity of a busy GPU by serving phase; inside the bands of design.md §5.
+# Typical activity of a busy GPU by serving phase; inside the reference bands of docs/phases.md.
 PHASE_ACTIVITY: dict[str, Activity] = {
     "idle": IDLE,
     "prefill": Activity(busy=1.0, sm_active=0.95, sm_occupancy=0.45, tensor_active=0.62, dram_active=0.35,
@@ -249,7 +249,7 @@ class SimBackend:
 
     def __init__(self, gpus: int, profile: str, seed: int = 0, clock: Callable[[], float] = time.time):
         if profile not in PROFILES:
-            from agent.backends import BackendUnavailable
+            from gpuphase.agent.backends import BackendUnavailable
 
             raise BackendUnavailable(f"unknown simulated GPU profile {profile!r}; known: {', '.join(PROFILES)}")
         rng = random.Random(seed)

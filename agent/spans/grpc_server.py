@@ -27,7 +27,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from agent.spans.receiver import (
+from gpuphase.agent.spans.receiver import (
     MALFORMED,
     RETRY_AFTER_SECONDS,
     TOO_LARGE,

@@ -28,8 +28,7 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from agent.config import split_address
-from agent.spans.receiver import (
+from gpuphase.agent.spans.receiver import (
     MALFORMED,
     RETRY_AFTER_SECONDS,
     TOO_LARGE,
@@ -40,6 +39,7 @@ from agent.spans.receiver import (
     SpanIntake,
     parse_protobuf,
 )
+from gpuphase.model.addresses import split_address
 
 log = logging.getLogger(__name__)
 

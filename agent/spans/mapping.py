@@ -1,6 +1,6 @@
 """SpanMapper: which GPUs a phase window belongs to.
 
-Tried in order, first answer wins (design.md §4):
+Tried in order, first answer wins (docs/phases.md, "From windows to GPUs"):
 
 1. `--phase.map SERVICE=GPUS`: the operator said so.
 2. `window.gpu_ids`: the model server named its GPUs (UUIDs or indices).
@@ -28,8 +28,8 @@ from itertools import groupby
 from operator import itemgetter
 from typing import Callable, Iterable, NamedTuple
 
-from agent.snapshot import Snapshot
-from agent.spans.windows import PhaseWindow
+from gpuphase.model.phase import PhaseWindow
+from gpuphase.model.snapshot import Snapshot
 
 GpuKey = tuple[int, str]  # (index, uuid)
 

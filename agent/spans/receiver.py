@@ -2,17 +2,16 @@
 
 Threading decision (documented in docs/spans.md): the network thread parses the protobuf *and*
 decodes its spans to PhaseWindows; the bounded queue holds window batches; one worker thread
-hands them to the sink (the lead's mapper/accountant, which takes locks and may be slow).
+hands them to the sink (the mapper and the accountant, which take locks and may be slow).
  - Decoding is pure CPU on at most max_request_bytes, with no shared locks, so it is cheap and
    safe on the network thread, and it is the only way to answer with an exact
    partial_success.rejected_spans (OTLP wants it in the response, not later).
  - The queue is bounded twice: in requests (queue_size) and in windows (max_queued_windows).
-   A vLLM span's two windows take about as much memory as its protobuf (~240 bytes each with
-   their key and numbers), so queue_size full requests could hold queue_size × max_request_bytes
-   of windows (1 GiB by default); the window bound keeps that near 8 MiB. It also bounds what
-   the garbage collector walks: every queued window is a tracked object, and a full collection
-   with the 262,144 windows of 256 queued 512-span requests took 75-100 ms holding the GIL,
-   which the tick felt.
+   A vLLM span's two windows take about as much memory as its protobuf, so queue_size full
+   requests could hold queue_size × max_request_bytes of windows; the window bound keeps that
+   small. It also bounds what the garbage collector walks: every queued window is a tracked
+   object, and a full collection over a deep queue holds the GIL long enough for the tick to
+   feel it (docs/design-figures.md).
  - The sink is what can stall; keeping it off the network threads is what keeps answers fast.
 Counters are committed only when a request is accepted: a refused request will be retried by
 its sender and must not be counted twice.
@@ -33,9 +32,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from agent.spans.decoders import decode_request
-from agent.spans.windows import PhaseWindow
-from agent.view import SpanStats
+from gpuphase.agent.spans.decoders import decode_request
+from gpuphase.model.phase import PhaseWindow
+from gpuphase.model.view import SpanStats
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import platform
 from typing import Iterator
 
-from agent import __version__
-from agent.view import View
-from exporters.collectors._families import Family, nonempty
+from gpuphase import __version__
+from gpuphase.exporters.collectors.families import Family, nonempty
+from gpuphase.model.view import View
 
 
 def collect(view: View) -> Iterator[Family]:

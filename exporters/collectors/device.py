@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from agent.view import View
-from exporters.collectors._families import Family, gpus, nonempty, reading_families
+from gpuphase.exporters.collectors.families import Family, gpus, nonempty, reading_families
+from gpuphase.model.view import View
 
 # Built from the sample's identity and state rather than read from GpuSample.values.
 _IDENTITY_AND_HEALTH = ("gpu_info", "gpu_up", "gpu_last_sample_timestamp_seconds")

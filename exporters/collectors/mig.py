@@ -1,6 +1,6 @@
 """MIG GPU instances: memory and GPM activity of each slice, labelled by instance and profile.
 
-Table-driven like the device collectors: every mig metric in agent/metrics.yaml is read from
+Table-driven like the device collectors: every mig metric in gpuphase/model/metrics.yaml is read from
 MigReading.values under its own name, and left out where the slice does not report it.
 """
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from agent import metricdefs
-from agent.view import View
-from exporters.collectors._families import Family, live_gpus, nonempty
+from gpuphase.exporters.collectors.families import Family, live_gpus, nonempty
+from gpuphase.model import metricdefs
+from gpuphase.model.view import View
 
 
 def collect(view: View) -> Iterator[Family]:

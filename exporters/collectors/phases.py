@@ -3,7 +3,7 @@
 The counters are integrals, not averages, so that `sum by` and `rate` stay correct: the average
 SM activity in decode is rate(gpu_phase_sm_active_seconds_total{phase="decode"}) divided by
 rate(gpu_phase_seconds_total{phase="decode"}). Each gpu_phase_<field>_total counter of
-agent/metrics.yaml is read from the PhaseSeries field of the same name; a field that is None
+gpuphase/model/metrics.yaml is read from the PhaseSeries field of the same name; a field that is None
 (no GPM, so no activity integral) is left out rather than reported as 0.
 
 Phase counters are cumulative totals kept by the accountant, so they stay exported while a
@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Iterator
 
-from agent import metricdefs
-from agent.view import PhaseSeries, View
-from exporters.collectors._families import Family, add_series, nonempty
+from gpuphase.exporters.collectors.families import Family, add_series, nonempty
+from gpuphase.model import metricdefs
+from gpuphase.model.view import PhaseSeries, View
 
 _LAST_SPAN = "gpu_phase_last_span_timestamp_seconds"
 _SERIES_FIELDS = {f.name for f in fields(PhaseSeries)}

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from agent.view import View
-from exporters.collectors._families import Family, add_series, live_gpus, nonempty
+from gpuphase.exporters.collectors.families import Family, add_series, live_gpus, nonempty
+from gpuphase.model.view import View
 
 
 def collect(view: View) -> Iterator[Family]:

@@ -1,6 +1,6 @@
 """Span intake: spans received by decoder, and spans rejected or left unmatched by reason.
 
-Each gpu_spans_<field>_total counter of agent/metrics.yaml is read from the SpanStats field of
+Each gpu_spans_<field>_total counter of gpuphase/model/metrics.yaml is read from the SpanStats field of
 the same name ({label value: count}).
 """
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from agent import metricdefs
-from agent.view import View
-from exporters.collectors._families import Family, nonempty
+from gpuphase.exporters.collectors.families import Family, nonempty
+from gpuphase.model import metricdefs
+from gpuphase.model.view import View
 
 
 def _field(metric_name: str) -> str:

@@ -27,14 +27,14 @@ from pathlib import Path
 
 import atheris
 
-with atheris.instrument_imports(include=["agent"]):  # coverage of our code, not of protobuf or json
-    from agent.phases import PhaseAccountant
-    from agent.spans import attributes as attrs
-    from agent.spans.decoders import ALL_KEYS, DECODER_ERROR, decode_request
-    from agent.spans.decoders.common import _RESOURCE_KEYS, MAX_TIMESTAMP, MAX_WINDOW_SECONDS, MIN_TIMESTAMP
-    from agent.spans.http_server import JSON, PARSERS, PROTOBUF, gunzip_capped
-    from agent.spans.receiver import MalformedRequest
-    from agent.spans.windows import WORK_PHASES
+with atheris.instrument_imports(include=["gpuphase"]):  # coverage of our code, not of protobuf or json
+    from gpuphase.agent.phases import PhaseAccountant
+    from gpuphase.agent.spans import attributes as attrs
+    from gpuphase.agent.spans.decoders import ALL_KEYS, DECODER_ERROR, decode_request
+    from gpuphase.agent.spans.decoders.common import _RESOURCE_KEYS, MAX_TIMESTAMP, MAX_WINDOW_SECONDS, MIN_TIMESTAMP
+    from gpuphase.agent.spans.http_server import JSON, PARSERS, PROTOBUF, gunzip_capped
+    from gpuphase.agent.spans.receiver import MalformedRequest
+    from gpuphase.model.phase import WORK_PHASES
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue  # noqa: E402

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from agent.spans.attributes import InvalidSpan, UnmatchedSpan, read_attributes
-from agent.spans.decoders import generic, sglang, tgi, vllm
-from agent.spans.decoders.common import Decoder, ResourceInfo
-from agent.spans.windows import PhaseWindow
+from gpuphase.agent.spans.attributes import InvalidSpan, UnmatchedSpan, read_attributes
+from gpuphase.agent.spans.decoders import generic, sglang, tgi, vllm
+from gpuphase.agent.spans.decoders.common import Decoder, ResourceInfo
+from gpuphase.model.phase import PhaseWindow
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from agent.spans import attributes as attrs
-from agent.spans.attributes import InvalidSpan
-from agent.spans.windows import WORK_PHASES, PhaseWindow, new_window
+from gpuphase.agent.spans import attributes as attrs
+from gpuphase.agent.spans.attributes import InvalidSpan
+from gpuphase.model.phase import WORK_PHASES, PhaseWindow, new_window
 
 MIN_TIMESTAMP = 946_684_800.0  # 2000-01-01: anything earlier is an unset or broken clock
 MAX_TIMESTAMP = 4_102_444_800.0  # 2100-01-01

@@ -13,10 +13,10 @@ from __future__ import annotations
 from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from agent.spans import attributes as attrs
-from agent.spans.attributes import InvalidSpan
-from agent.spans.decoders.common import ResourceInfo, make_window, span_ids, span_seconds
-from agent.spans.windows import WORK_PHASES, PhaseWindow
+from gpuphase.agent.spans import attributes as attrs
+from gpuphase.agent.spans.attributes import InvalidSpan
+from gpuphase.agent.spans.decoders.common import ResourceInfo, make_window, span_ids, span_seconds
+from gpuphase.model.phase import WORK_PHASES, PhaseWindow
 
 NAME = "generic"
 PHASE_ATTRIBUTE = "gpuphase.phase"

@@ -1,7 +1,7 @@
 """SGLang slice spans (`--enable-trace`) → one window per forward slice, wall-clock start/end.
 
 SGLang traces each request as a root `Req <rid>` with per-thread spans carrying `pid`, `host_id`
-and `tp_rank` and slice spans named after the scheduler step (design.md §5). Only the slices that
+and `tp_rank` and slice spans named after the scheduler step (docs/spans.md). Only the slices that
 run the model count as GPU work: `prefill_forward` and `chunked_prefill` are prefill, `decode_loop`
 is decode; the waiting/tokenize slices are not work and are left to the other decoders (and end as
 unknown_span). Each TP rank is its own process, so the span's `pid` (preferred over the
@@ -14,9 +14,9 @@ from __future__ import annotations
 from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from agent.spans import attributes as attrs
-from agent.spans.decoders.common import ResourceInfo, make_window, span_ids, span_seconds
-from agent.spans.windows import DECODE, PREFILL, PhaseWindow
+from gpuphase.agent.spans import attributes as attrs
+from gpuphase.agent.spans.decoders.common import ResourceInfo, make_window, span_ids, span_seconds
+from gpuphase.model.phase import DECODE, PREFILL, PhaseWindow
 
 NAME = "sglang"
 PHASE_BY_SLICE = {"prefill_forward": PREFILL, "chunked_prefill": PREFILL, "decode_loop": DECODE}

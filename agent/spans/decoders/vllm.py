@@ -1,6 +1,6 @@
 """vLLM V1 (and TensorRT-LLM's vLLM-style) `llm_request` spans → one prefill and one decode window.
 
-vLLM emits one SERVER span per finished request from the API server (design.md §5): start is the
+vLLM emits one SERVER span per finished request from the API server (docs/spans.md): start is the
 arrival (wall clock), and the engine's monotonic latencies are attributes. We rebuild:
   first token = start + time_to_first_token
   prefill     = [first token - time_in_model_prefill, first token]
@@ -20,10 +20,10 @@ from __future__ import annotations
 from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from agent.spans import attributes as attrs
-from agent.spans.attributes import InvalidSpan, UnmatchedSpan
-from agent.spans.decoders.common import ResourceInfo, make_window, span_ids, span_seconds
-from agent.spans.windows import DECODE, PREFILL, PhaseWindow
+from gpuphase.agent.spans import attributes as attrs
+from gpuphase.agent.spans.attributes import InvalidSpan, UnmatchedSpan
+from gpuphase.agent.spans.decoders.common import ResourceInfo, make_window, span_ids, span_seconds
+from gpuphase.model.phase import DECODE, PREFILL, PhaseWindow
 
 NAME = "vllm"
 SPAN_NAME = "llm_request"

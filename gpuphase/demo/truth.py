@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from agent.spans.windows import DECODE, PREFILL
+from gpuphase.model.phase import DECODE, PHASES, PREFILL, phase_of
 
 
 def phase_durations(windows: Iterable[tuple[float, float, str]], start: float, end: float) -> dict[str, float]:
@@ -21,24 +21,15 @@ def phase_durations(windows: Iterable[tuple[float, float, str]], start: float, e
             events.append((lo, +1, phase))
             events.append((hi, -1, phase))
     events.sort(key=lambda e: (e[0], e[1]))
-    out = {"prefill": 0.0, "decode": 0.0, "mixed": 0.0, "idle": 0.0}
+    out = dict.fromkeys(PHASES, 0.0)
     active = {PREFILL: 0, DECODE: 0}
     cursor = start
     for time_point, delta, phase in events:
         if time_point > cursor:
-            out[_phase_of(active)] += time_point - cursor
+            out[phase_of(active[PREFILL] > 0, active[DECODE] > 0)] += time_point - cursor
             cursor = time_point
         active[phase] += delta
     if end > cursor:
-        out[_phase_of(active)] += end - cursor
+        out[phase_of(active[PREFILL] > 0, active[DECODE] > 0)] += end - cursor
     return out
 
-
-def _phase_of(active: dict[str, int]) -> str:
-    if active[PREFILL] and active[DECODE]:
-        return "mixed"
-    if active[PREFILL]:
-        return "prefill"
-    if active[DECODE]:
-        return "decode"
-    return "idle"

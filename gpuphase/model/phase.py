@@ -1,4 +1,9 @@
-"""PhaseWindow: the one thing every span decoder produces and the phase accountant consumes."""
+"""The phase vocabulary and PhaseWindow: what every span decoder produces and the accountant consumes.
+
+A GPU's phase at an instant follows from the windows active on it then: prefill (only prefill
+windows), decode (only decode), mixed (both) or idle (neither; queued requests do not count as
+work). Time on a GPU no service is tied to is unknown, not idle, and gets no phase at all.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,23 @@ from typing import NamedTuple
 
 PREFILL = "prefill"
 DECODE = "decode"
-WORK_PHASES = (PREFILL, DECODE)
+MIXED = "mixed"
+IDLE = "idle"
+WORK_PHASES = (PREFILL, DECODE)  # the phases a window can be in
+PHASES = (PREFILL, DECODE, MIXED, IDLE)  # the phases a GPU's time is split into, in export order
+
+GpuKey = tuple[int, str]  # (index, uuid): how phase code names a GPU
+
+
+def phase_of(prefill_active: bool, decode_active: bool) -> str:
+    """A GPU's phase from whether some prefill and some decode window is active on it."""
+    if prefill_active and decode_active:
+        return MIXED
+    if prefill_active:
+        return PREFILL
+    if decode_active:
+        return DECODE
+    return IDLE
 
 
 class PhaseWindow(NamedTuple):
@@ -18,9 +39,8 @@ class PhaseWindow(NamedTuple):
     by the mapper from `service`, `gpu_ids` (explicit UUIDs/indices named by the sender) or `pid`
     (the sending process, matched against NVML's compute processes and their relatives).
 
-    A NamedTuple, not a frozen dataclass: it is as immutable and about as small (8 bytes more),
-    and the decoders build two per vLLM span, which for a frozen dataclass (one
-    object.__setattr__ per field) cost 2.7 µs each, a sixth of decoding a span (see new_window).
+    A NamedTuple rather than a frozen dataclass: as immutable, and much cheaper to build on the
+    decoders' hot path (docs/design-figures.md).
     """
 
     phase: str  # PREFILL or DECODE
@@ -39,6 +59,6 @@ class PhaseWindow(NamedTuple):
 
 
 # new_window((phase, start, end, service, decoder, key, tokens, pid, gpu_ids)): all nine fields in
-# order, without the generated constructor's argument handling (270 ns instead of 650 ns). For the
-# decoders' hot path; decoders.common.make_window checks the fields.
+# order, without the generated constructor's argument handling. For the decoders' hot path;
+# decoders.common.make_window checks the fields.
 new_window = partial(tuple.__new__, PhaseWindow)

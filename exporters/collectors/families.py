@@ -1,4 +1,4 @@
-"""Shared building blocks of the collectors: metric families made from agent/metrics.yaml.
+"""Shared building blocks of the collectors: metric families made from gpuphase/model/metrics.yaml.
 
 Names, types, units, help texts and label sets live only in metrics.yaml; a collector asks for
 a family by metric name and fills in samples. Label values and sample values are converted
@@ -17,11 +17,11 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client.core import Metric
 
-from agent import metricdefs
-from agent.metricdefs import MetricDef
-from agent.snapshot import GpuSample
-from agent.view import View
-from exporters.exposition import SeriesHead, prometheus_metric, series_head
+from gpuphase.exporters.exposition import SeriesHead, prometheus_metric, series_head
+from gpuphase.model import metricdefs
+from gpuphase.model.metricdefs import MetricDef
+from gpuphase.model.snapshot import GpuSample
+from gpuphase.model.view import View
 
 GPU_LABELS = ("gpu", "uuid")
 

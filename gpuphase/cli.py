@@ -1,4 +1,4 @@
-"""The `gpuphase` command line. Flags are generated from agent.config.OPTIONS, so the CLI, the
+"""The `gpuphase` command line. Flags are generated from gpuphase.agent.config.OPTIONS, so the CLI, the
 YAML keys and the GPUPHASE_* environment variables can never drift apart."""
 
 from __future__ import annotations
@@ -9,9 +9,17 @@ from typing import Any, Callable
 
 import click
 
-from agent import __version__
-from agent.config import OPTIONS, Config, ConfigError, Setting, build_config, read_env_settings, read_yaml_settings
-from agent.metricdefs import collectors
+from gpuphase import __version__
+from gpuphase.agent.config import (
+    OPTIONS,
+    Config,
+    ConfigError,
+    Setting,
+    build_config,
+    read_env_settings,
+    read_yaml_settings,
+)
+from gpuphase.model.metricdefs import collectors
 
 
 def _option_decorators() -> list[Callable]:
@@ -70,7 +78,7 @@ def config_from_cli(params: dict[str, Any], environ=os.environ) -> Config:
 
 def _disabled_from(*layers: dict[str, Setting]) -> list[str]:
     """The collectors a file or the environment turned off; flags may turn them on again."""
-    from agent.config import OPTIONS_BY_FLAG
+    from gpuphase.agent.config import OPTIONS_BY_FLAG
 
     parse = OPTIONS_BY_FLAG["collector.disable"].parse
     out: list[str] = []
@@ -104,7 +112,7 @@ def run(**params: Any) -> None:
         config = config_from_cli(params)
     except ConfigError as err:
         _fail(str(err))
-    from agent.app import run_agent
+    from gpuphase.agent.app import run_agent
 
     sys.exit(run_agent(config))
 
@@ -122,7 +130,8 @@ def run(**params: Any) -> None:
 def demo(**params: Any) -> None:
     """The agent on simulated GPUs plus a synthetic LLM-serving workload that sends real OTLP spans
     to the agent's own receiver. Everything a user sees on a real node, on a laptop."""
-    from agent.demo import SCENARIOS, run_demo
+    from gpuphase.demo.run import run_demo
+    from gpuphase.demo.scenarios import SCENARIOS
 
     if params.pop("list_scenarios"):
         for name, scenario in SCENARIOS.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
+
 @dataclass(frozen=True)
 class GpuIdentity:
     """Static facts about one GPU; they only ever appear on `gpu_info`."""
@@ -64,7 +65,7 @@ class MigReading:
 class GpuReading:
     """What a backend returns for one GPU and one tick.
 
-    `values` maps a metric name of agent/metrics.yaml to its value for the metrics with no
+    `values` maps a metric name of gpuphase/model/metrics.yaml to its value for the metrics with no
     label beyond gpu/uuid; `labelled` maps a metric name to {value of its one extra label: value}
     (clock -> Hz, reason -> 0/1, type -> count, xid -> count). A metric the GPU does not
     support is simply absent: absent is not zero.

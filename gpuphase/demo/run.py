@@ -1,6 +1,6 @@
 """`gpuphase demo`: the agent on simulated GPUs with a synthetic LLM-serving workload.
 
-The workload (agent/workload.py) plans requests, drives the simulated counters from the same
+The workload (workload.py) plans requests, drives the simulated counters from the same
 windows, and sends vLLM V1-shaped `llm_request` spans through the real OpenTelemetry SDK
 (BatchSpanProcessor, whose 5 s default delay is vLLM's too) to the agent's own OTLP receiver.
 `--demo.truth-file` writes what really happened so tests and curious users can compare.
@@ -15,66 +15,16 @@ import os
 import random
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from agent.backends.sim import PHASE_ACTIVITY, Activity, SimBackend
-from agent.config import Config
-from agent.snapshot import ProcessReading
-from agent.timeline import phase_durations
-from agent.workload import PlannedRequest, ServiceLoad, ServiceTimeline
+from gpuphase.agent.backends.sim import SimBackend
+from gpuphase.agent.config import Config
+from gpuphase.demo.scenarios import DEMO_SETTLE, SCENARIOS, Scenario
+from gpuphase.demo.truth import phase_durations
+from gpuphase.demo.workload import PlannedRequest, ServiceLoad, ServiceTimeline
+from gpuphase.model.snapshot import ProcessReading
 
 log = logging.getLogger(__name__)
-
-# Decode on a small model with long outputs: the memory wall (DRAM busy, tensor cores starved).
-MEMORY_BOUND = {**PHASE_ACTIVITY,
-                "decode": Activity(busy=1.0, sm_active=0.78, sm_occupancy=0.20, tensor_active=0.07, dram_active=0.88,
-                                   fp16_active=0.06, fp32_active=0.04)}
-
-
-DEMO_SETTLE = 30.0
-
-
-@dataclass(frozen=True)
-class Scenario:
-    description: str
-    gpus: int
-    loads: tuple[ServiceLoad, ...]
-    # GPUs whose process holds this share of VRAM (overrides the load's memory_fraction).
-    memory_fraction: dict[int, float] | None = None
-
-
-def _llama70b(gpus: tuple[int, ...], rate: float) -> ServiceLoad:
-    return ServiceLoad("llama-70b", gpus, arrival_rate=rate)
-
-
-SCENARIOS: dict[str, Scenario] = {
-    "mixed-fleet": Scenario(
-        "5 GPUs: llama-70b on GPUs 0-1 (TP2, healthy), chat-8b decode-heavy memory-bound on GPU 2, "
-        "GPU 3 allocated but idle with VRAM nearly full, GPU 4 unused",
-        gpus=5,
-        loads=(
-            _llama70b((0, 1), 3.0),
-            ServiceLoad("chat-8b", (2,), arrival_rate=4.0, prompt_tokens=(200, 80), output_tokens=(900, 300),
-                        prefill_tokens_per_second=40000.0, decode_step_seconds=0.012, max_batch=64,
-                        activity=MEMORY_BOUND),
-            ServiceLoad("reserved", (3,)),
-        ),
-        memory_fraction={3: 0.97},
-    ),
-    "steady": Scenario("2 GPUs: llama-70b on TP2 under steady traffic", gpus=2, loads=(_llama70b((0, 1), 3.0),)),
-    "idle-allocated": Scenario("2 GPUs held by a server that gets no traffic", gpus=2,
-                               loads=(ServiceLoad("llama-70b", (0, 1)),)),
-    "memory-bound": Scenario(
-        "1 GPU: small model, long outputs: decode-dominated and DRAM-bound", gpus=1,
-        loads=(ServiceLoad("chat-8b", (0,), arrival_rate=4.0, prompt_tokens=(200, 80), output_tokens=(900, 300),
-                           prefill_tokens_per_second=40000.0, decode_step_seconds=0.012, max_batch=64,
-                           activity=MEMORY_BOUND),)),
-    "phase-blocks": Scenario(
-        "1 GPU: a scripted 8 s cycle of 1.5 s prefill, 2 s decode, 1.5 s mixed, ~3 s idle (for checking accuracy)",
-        gpus=1,
-        loads=(ServiceLoad("blocks", (0,), script=((0.0, 1.5, 3.5), (3.5, 1.5, 0.04)), script_cycle=8.0),),
-    ),
-}
 
 
 class Workload:
@@ -218,8 +168,8 @@ def demo_config(config: Config, scenario: Scenario) -> Config:
 
 
 def run_demo(config: Config, demo_scenario: str, demo_duration: float | None, demo_truth_file: str | None) -> int:
-    from agent.app import Agent
-    from agent.logs import setup_logging
+    from gpuphase.agent.app import Agent
+    from gpuphase.agent.logs import setup_logging
 
     setup_logging(config.log_format, config.log_level)
     scenario = SCENARIOS[demo_scenario]

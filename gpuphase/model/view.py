@@ -9,9 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol
 
-from agent.snapshot import Snapshot
-
-PHASES = ("prefill", "decode", "mixed", "idle")
+from gpuphase.model.snapshot import Snapshot
 
 
 @dataclass(frozen=True)

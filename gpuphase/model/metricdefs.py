@@ -1,4 +1,4 @@
-"""Loads agent/metrics.yaml, the one place metric names, types, units, help and labels are declared."""
+"""Loads gpuphase/model/metrics.yaml, the one place metric names, types, units, help and labels are declared."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class MetricDef:
 
 @lru_cache(maxsize=1)
 def load() -> dict[str, MetricDef]:
-    text = resources.files("agent").joinpath("metrics.yaml").read_text(encoding="utf-8")
+    text = resources.files(__package__).joinpath("metrics.yaml").read_text(encoding="utf-8")
     out: dict[str, MetricDef] = {}
     for raw in yaml.safe_load(text)["metrics"]:
         definition = MetricDef(

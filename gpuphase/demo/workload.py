@@ -15,9 +15,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-from agent.backends.sim import IDLE, PHASE_ACTIVITY, Activity
-from agent.spans.windows import DECODE, PREFILL
-from agent.timeline import phase_durations
+from gpuphase.agent.backends.sim import IDLE, PHASE_ACTIVITY, Activity
+from gpuphase.demo.truth import phase_durations
+from gpuphase.model.phase import DECODE, PREFILL
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,0 @@
-"""Board power, the enforced limit and the energy counter.
-
-Entirely table-driven: every power metric in agent/metrics.yaml is read from the GPU sample
-under its own name (see exporters.collectors._families.reading_families).
-"""
-
-from exporters.collectors._families import table_collector
-
-collect = table_collector("power")

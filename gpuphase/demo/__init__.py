@@ -1,0 +1,1 @@
+"""`gpuphase demo`: the agent on simulated GPUs with a synthetic LLM-serving workload."""
