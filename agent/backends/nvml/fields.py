@@ -17,6 +17,7 @@ from gpuphase.agent.backends.nvml.common import answer_layout, call_nvml, plain_
 
 ALL_LINKS = 0xFFFFFFFF  # field scopeId meaning "summed over every NVLink"
 
+
 @dataclass(frozen=True)
 class Field:
     """One scalar NVML field: where its value goes and the factor to base units."""

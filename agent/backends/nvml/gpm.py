@@ -14,11 +14,8 @@ from gpuphase.agent.backends.nvml.common import CAPABILITY_ERRORS, NVML_SUCCESS,
 log = logging.getLogger(__name__)
 
 GPM_ANSWER = answer_layout(pynvml.c_nvmlGpmMetric_t, ("nvmlReturn", "I"), ("value", "d"))
-
-
 PlainGpmMetric = plain_struct(pynvml.c_nvmlGpmMetric_t)
 PlainGpmMetricsGet = plain_struct(pynvml.c_nvmlGpmMetricsGet_t)  # the sample pointers are set every tick
-
 
 GPM_METRICS = (
     (pynvml.NVML_GPM_METRIC_SM_UTIL, "gpu_sm_active_ratio"),
