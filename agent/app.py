@@ -232,6 +232,10 @@ def run_agent(config: Config) -> int:
     agent = Agent(config)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.request_stop())
+    # SIGHUP's default would end the agent: a closed terminal, or an operator used to daemons
+    # that reload on it. There is nothing to reload in place, so it is said and ignored.
+    signal.signal(signal.SIGHUP, lambda *_: log.warning(
+        "SIGHUP received: the agent does not reload its configuration; restart it to apply changes"))
     try:
         agent.start_servers()
         _start_sampling_with_wait(agent, config)

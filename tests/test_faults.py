@@ -14,6 +14,7 @@ doubles); nothing here asserts a duration.
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -214,3 +215,13 @@ def test_nvml_wait_keeps_running_until_the_driver_appears(fake):
         agent.wait_ready(WAIT)
         metrics = agent.assert_answering()
         assert metrics.value("gpu_up", gpu="0") == 1 and metrics.value("gpu_up", gpu="1") == 1
+
+
+def test_sighup_is_logged_and_ignored():
+    """A hang-up (a closed terminal, a reload habit) must not end the agent: it says so and goes on."""
+    with AgentProcess(["--backend", "sim"]) as agent:
+        agent.process().send_signal(signal.SIGHUP)
+        poll(lambda: "SIGHUP received" in agent.stderr_text(), WAIT, message="the SIGHUP log line")
+        assert agent.process().is_running()
+        agent.assert_answering()
+
