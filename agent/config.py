@@ -9,7 +9,7 @@ the environment variable, or the flag.
 from __future__ import annotations
 
 import difflib
-import os
+import math
 import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterable, Mapping
@@ -18,27 +18,71 @@ import yaml
 
 from gpuphase.model.addresses import parse_listen_address, push_target
 from gpuphase.model.durations import MIN_PUSH_INTERVAL, MIN_SAMPLE_INTERVAL, parse_duration
+from gpuphase.model.files import (
+    MAX_CONFIG_BYTES,
+    MAX_SCALAR_CHARS,
+    ConfigFileError,
+    compose_yaml,
+    construct_yaml,
+    read_config_bytes,
+    read_config_text,
+)
 from gpuphase.model.metricdefs import collectors
 
 ENV_PREFIX = "GPUPHASE_"
 
+# Bounds on what any source may hand a parser: hostile or mistaken values end in a message, never
+# in a traceback (int() refuses more than 4300 digits, float() overflows) or an endless start-up.
+MAX_VALUE_CHARS = MAX_SCALAR_CHARS  # one value (PATH_MAX is 4096 too)
+MAX_INT = 2**31 - 1  # any whole-number setting; the counts have tighter bounds in _validate
+MAX_DURATION = 86400.0  # any duration: a day, far above every sensible period, timeout or window
+MAX_REQUEST_BYTES = 64 * 1024 * 1024  # grpc's limits are C ints; 64 MiB is already far above a span batch
+MAX_QUEUE_SIZE = 65536  # queued OTLP requests (each up to the request size)
+MAX_LABEL_VALUES = 10000  # phase.max-services, process.max-series: series cardinality
+_MAX_NODES = 10000  # YAML nodes in one setting's value (lists of GPUs, collectors, phase maps)
+_MAX_MESSAGE = 600  # characters of one error message
+
 
 class ConfigError(ValueError):
-    """A setting is wrong. The message says where it came from and why; the agent exits with it."""
+    """A setting is wrong. The message says where it came from and why; the agent exits with it.
+
+    Always one line of bounded length: a value quoted in it may be hostile.
+    """
+
+    def __init__(self, message: str):
+        text = " ".join(str(message).split())
+        super().__init__(text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE - 4] + " ...")
+
+
+def _show(value: Any) -> str:
+    """repr() of a value for a message, shortened: it may be a megabyte of junk."""
+    if isinstance(value, int) and value.bit_length() > 128:  # repr() refuses more than 4300 digits
+        return f"a number of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:48]}... ({len(text)} characters)"
 
 
 # --- value parsers: each takes a YAML/env/flag value and returns the typed value or raises ValueError
 
 
 def parse_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"expected a whole number, got {value!r}")
-    try:
-        number = int(str(value).strip()) if not isinstance(value, int) else value
-    except ValueError:
-        raise ValueError(f"expected a whole number, got {value!r}") from None
+    """A whole number from 0 to MAX_INT."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"expected a whole number, got {_show(value)}")
+    if isinstance(value, int):
+        number = value
+    else:
+        text = value.strip()
+        if len(text.lstrip("+-").lstrip("0")) > len(str(MAX_INT)) and text.lstrip("+-").isdecimal():
+            raise ValueError(f"expected a whole number of at most {MAX_INT}, got {len(text)} digits")
+        try:
+            number = int(text)
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {_show(value)}") from None
     if number < 0:
-        raise ValueError(f"expected a number >= 0, got {number}")
+        raise ValueError(f"expected a number >= 0, got {_show(number)}")
+    if number > MAX_INT:
+        raise ValueError(f"expected a whole number of at most {MAX_INT}, got {_show(number)}")
     return number
 
 
@@ -46,11 +90,11 @@ def parse_size(value: Any) -> int:
     """Bytes from 4194304, '4MiB', '512KiB', '1GiB'."""
     if isinstance(value, int) and not isinstance(value, bool):
         return parse_int(value)
-    match = re.match(r"^\s*([0-9]+)\s*(B|KiB|MiB|GiB)?\s*$", str(value))
+    match = re.match(r"^\s*([0-9]{1,20})\s*(B|KiB|MiB|GiB)?\s*$", str(value)) if isinstance(value, str) else None
     if not match:
-        raise ValueError(f"expected a size such as 4MiB or 65536, got {value!r}")
+        raise ValueError(f"expected a size such as 4MiB or 65536, got {_show(value)}")
     scale = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, None: 1}[match.group(2)]
-    return int(match.group(1)) * scale
+    return int(match.group(1)) * scale  # at most 20 digits: each option's own bound is in _validate
 
 
 def parse_bool(value: Any) -> bool:
@@ -61,20 +105,27 @@ def parse_bool(value: Any) -> bool:
         return True
     if text in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"expected true or false, got {value!r}")
+    raise ValueError(f"expected true or false, got {_show(value)}")
 
 
 def parse_str(value: Any) -> str:
-    if isinstance(value, (dict, list)):
+    """A single-line string (paths, URLs, names); a YAML number or date is taken as written."""
+    if isinstance(value, (dict, list, tuple, set, bytes)):
         raise ValueError(f"expected a string, got {type(value).__name__}")
-    return "" if value is None else str(value)
+    text = "" if value is None else str(value)
+    if len(text) > MAX_VALUE_CHARS:
+        raise ValueError(f"expected at most {MAX_VALUE_CHARS} characters, got {len(text)}")
+    bad = next((char for char in text if char < " " or char == "\x7f"), None)
+    if bad is not None:
+        raise ValueError(f"control character {bad!r} in {_show(text)}")
+    return text
 
 
 def choice(*allowed: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = parse_str(value)
         if text not in allowed:
-            raise ValueError(f"expected one of {', '.join(allowed)}, got {text!r}")
+            raise ValueError(f"expected one of {', '.join(allowed)}, got {_show(text)}")
         return text
 
     return parse
@@ -89,7 +140,7 @@ def parse_phase_map(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
         service, sep, gpus = text.partition("=")
         gpu_list = tuple(g.strip() for g in gpus.split(",") if g.strip())
         if not sep or not service.strip() or not gpu_list:
-            raise ValueError(f"expected SERVICE=GPUS such as vllm=0,1 or vllm=GPU-xxxx, got {text!r}")
+            raise ValueError(f"expected SERVICE=GPUS such as vllm=0,1 or vllm=GPU-xxxx, got {_show(text)}")
         out.append((service.strip(), gpu_list))
     return tuple(out)
 
@@ -183,6 +234,26 @@ class Config:
         "otlp.max-request-size", 4 * 1024 * 1024, parse_size, "Largest OTLP request accepted (after decompression).")
     otlp_queue_size: int = option(
         "otlp.queue-size", 256, parse_int, "OTLP requests waiting to be decoded before senders are told to retry.")
+    otlp_max_spans_per_request: int = option(
+        "otlp.max-spans-per-request", 16384, parse_int,
+        "Most spans one OTLP request may hold; more is refused (HTTP 413, gRPC RESOURCE_EXHAUSTED) before it is "
+        "parsed. Bounds a request's memory: a span costs ~720 bytes parsed and decoded (docs/spans.md).")
+    otlp_max_items_per_request: int = option(
+        "otlp.max-items-per-request", 262144, parse_int,
+        "Most attributes, events, links and other messages besides spans one OTLP request may hold (each ~88 bytes "
+        "parsed); OTLP/JSON may also hold at most twice this many JSON values and containers. More is refused "
+        "like too many spans.")
+    otlp_max_spans_per_second: int = option(
+        "otlp.max-spans-per-second", 100000, parse_int,
+        "Spans accepted per second over both OTLP receivers (a token bucket holding one second's worth); beyond it "
+        "senders are told to retry (HTTP 503, gRPC UNAVAILABLE). 0: no limit.")
+    otlp_max_concurrent_parses: int = option(
+        "otlp.max-concurrent-parses", 2, parse_int,
+        "OTLP requests parsed and decoded at once, over both receivers; others wait up to 1s, then are told to "
+        "retry. Peak memory grows by up to this many times one request's worst case (docs/spans.md).")
+    otlp_grpc_max_concurrent_rpcs: int = option(
+        "otlp.grpc-max-concurrent-rpcs", 16, parse_int,
+        "OTLP/gRPC calls in progress at once; grpc refuses more with RESOURCE_EXHAUSTED (not counted).")
     phase_map: tuple[tuple[str, tuple[str, ...]], ...] = option(
         "phase.map", (), parse_phase_map,
         "SERVICE=GPUS: tie a service's spans to GPUs (indices or UUIDs). Repeatable.", multiple=True)
@@ -194,7 +265,13 @@ class Config:
         "phase.retention", 300.0, parse_duration,
         "How much sample history is kept per GPU; spans older than this are dropped and counted.")
     phase_max_services: int = option(
-        "phase.max-services", 32, parse_int, "Distinct service label values kept; later ones are folded into 'other'.")
+        "phase.max-services", 32, parse_int,
+        "Service label values shared by services not in --phase.map (those always keep their own); a slot "
+        "unused for an hour can be reused, otherwise later services are folded into 'other'.")
+    phase_trust_span_gpus: bool = option(
+        "phase.trust-span-gpus", False, parse_bool,
+        "Let a span place its time on the GPUs it names (gpuphase.gpu.ids) when its service has no --phase.map "
+        "entry, pid or pod on them. Off: such claims are refused and counted (gpu_not_permitted).", is_flag=True)
     process_max_series: int = option(
         "process.max-series", 64, parse_int,
         "Per-process series kept per GPU (largest memory first); the rest are left out.")
@@ -228,15 +305,18 @@ def read_yaml_settings(path: str) -> dict[str, Setting]:
     """Flatten a YAML config file to {flag: Setting}, keeping file:line for every key.
 
     Keys are the flag names (`sample.interval: 2s`) or the same nested (`sample: {interval: 2s}`).
+    The file must be a regular file of at most MAX_CONFIG_BYTES (gpuphase.model.files); every
+    error, YAML's own included, is a ConfigError naming the file and, where known, the line.
     """
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config file: {err.strerror or err}") from None
-    loader = yaml.SafeLoader(text)
+        text = read_config_text(path)
+    except ConfigFileError as err:
+        raise ConfigError(f"{err.where(path)}: cannot read config file: {err.reason}") from None
     try:
-        root = loader.get_single_node()
+        loader, root = compose_yaml(text)
+    except ConfigFileError as err:
+        raise ConfigError(f"{err.where(path)}: {err.reason}") from None
+    try:
         if root is None:
             return {}
         if not isinstance(root, yaml.MappingNode):
@@ -244,26 +324,32 @@ def read_yaml_settings(path: str) -> dict[str, Setting]:
         out: dict[str, Setting] = {}
         _flatten(loader, root, "", path, out)
         return out
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: invalid YAML: {err.problem or err.context}") from None
     finally:
         loader.dispose()
 
 
 def _flatten(loader, node, prefix: str, path: str, out: dict[str, Setting]) -> None:
     for key_node, value_node in node.value:
-        key = prefix + str(key_node.value)
         where = f"{path}:{key_node.start_mark.line + 1}"
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise ConfigError(f"{where}: a setting's name must be a plain word, not a {key_node.id}")
+        key = prefix + str(key_node.value)
         if key in OPTIONS_BY_FLAG:
-            out[key] = Setting(loader.construct_object(value_node, deep=True), where)
+            out[key] = Setting(_construct(loader, value_node, path, key), where)
         elif isinstance(value_node, yaml.MappingNode) and any(f.startswith(key + ".") for f in OPTIONS_BY_FLAG):
             _flatten(loader, value_node, key + ".", path, out)
         else:
-            hint = difflib.get_close_matches(key, OPTIONS_BY_FLAG, n=1)
+            hint = difflib.get_close_matches(key[:100], OPTIONS_BY_FLAG, n=1)
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(f"{where}: unknown setting {key!r}{suggestion}")
+            raise ConfigError(f"{where}: unknown setting {_show(key)}{suggestion}")
+
+
+def _construct(loader, node, path: str, flag: str) -> Any:
+    """One setting's value, bounded: gpuphase.model.files.construct_yaml."""
+    try:
+        return construct_yaml(loader, node, _MAX_NODES, MAX_VALUE_CHARS)
+    except ConfigFileError as err:
+        raise ConfigError(f"{err.where(path)}: {flag}: {err.reason}") from None
 
 
 def read_env_settings(environ: Mapping[str, str]) -> dict[str, Setting]:
@@ -282,13 +368,21 @@ def build_config(layers: Iterable[Mapping[str, Setting]]) -> Config:
         for flag, setting in layer.items():
             option = OPTIONS_BY_FLAG[flag]
             try:
+                _check_length(setting.value)
                 values[option.field] = option.parse(setting.value)
-            except ValueError as err:
+            except (ValueError, OverflowError, TypeError, RecursionError) as err:
                 raise ConfigError(f"{setting.source}: {flag}: {err}") from None
             sources[option.field] = setting.source
     config = replace(Config(), **values)
     _validate(config, sources)
     return config
+
+
+def _check_length(value: Any) -> None:
+    """Refuse a value (or list item) longer than MAX_VALUE_CHARS before any parser sees it."""
+    for item in value if isinstance(value, (list, tuple)) else (value,):
+        if isinstance(item, str) and len(item) > MAX_VALUE_CHARS:
+            raise ValueError(f"value longer than {MAX_VALUE_CHARS} characters ({len(item)})")
 
 
 def _validate(config: Config, sources: Mapping[str, str]) -> None:
@@ -305,6 +399,10 @@ def _validate(config: Config, sources: Mapping[str, str]) -> None:
             if other else ""
         raise ConfigError(f"{where}: {flag_of(field_name)}: {reason}{detail}")
 
+    for option in OPTIONS:  # every duration, before the rules below compare them
+        seconds = getattr(config, option.field)
+        if option.parse is parse_duration and not (math.isfinite(seconds) and seconds <= MAX_DURATION):
+            fail(option.field, f"must be a finite duration of at most {MAX_DURATION / 3600:g}h, got {seconds!r}")
     if config.sample_interval < MIN_SAMPLE_INTERVAL:
         fail("sample_interval", f"must be at least {MIN_SAMPLE_INTERVAL}s (NVML GPM needs >= 100ms between samples)")
     if config.sample_timeout < config.sample_interval:
@@ -313,12 +411,23 @@ def _validate(config: Config, sources: Mapping[str, str]) -> None:
         fail("phase_retention", "phase.retention must be longer than phase.settle", other="phase_settle")
     if config.backend == "sim" and not 1 <= config.sim_gpus <= 64:
         fail("sim_gpus", "must be between 1 and 64")
-    if config.otlp_max_request_bytes < 1024:
-        fail("otlp_max_request_bytes", "must be at least 1KiB")
-    if config.phase_max_services < 1:
-        fail("phase_max_services", "must be at least 1")
+    if not 1024 <= config.otlp_max_request_bytes <= MAX_REQUEST_BYTES:
+        fail("otlp_max_request_bytes", f"must be between 1KiB and {MAX_REQUEST_BYTES // 1024**2}MiB, "
+                                       f"got {config.otlp_max_request_bytes} bytes")
+    if not 1 <= config.otlp_queue_size <= MAX_QUEUE_SIZE:
+        fail("otlp_queue_size", f"must be between 1 and {MAX_QUEUE_SIZE}, got {config.otlp_queue_size}")
+    for name in ("otlp_max_spans_per_request", "otlp_max_items_per_request", "otlp_max_concurrent_parses",
+                 "otlp_grpc_max_concurrent_rpcs"):
+        if getattr(config, name) < 1:
+            fail(name, "must be at least 1")
+    if not 1 <= config.phase_max_services <= MAX_LABEL_VALUES:
+        fail("phase_max_services", f"must be between 1 and {MAX_LABEL_VALUES}, got {config.phase_max_services}")
+    if config.process_max_series > MAX_LABEL_VALUES:
+        fail("process_max_series", f"must be at most {MAX_LABEL_VALUES}, got {config.process_max_series}")
     if not config.web_listen_address:
         fail("web_listen_address", "cannot be empty")
+    if not config.web_telemetry_path.startswith("/"):
+        fail("web_telemetry_path", f"must start with '/', got {_show(config.web_telemetry_path)}")
     if config.otlp_metrics_endpoint:
         try:
             push_target(config.otlp_metrics_endpoint, config.otlp_metrics_insecure)
@@ -332,5 +441,8 @@ def _validate(config: Config, sources: Mapping[str, str]) -> None:
         fail("disabled_collectors", f"unknown collector {unknown[0]!r}; known: {', '.join(collectors())}")
     for name in ("web_config_file", "otlp_web_config_file"):
         path = getattr(config, name)
-        if path and not os.path.isfile(path):
-            fail(name, f"file {path!r} does not exist")
+        if path:
+            try:  # read in full later, by the server; here the same rules, for the same clear exit
+                read_config_bytes(path, MAX_CONFIG_BYTES)
+            except ConfigFileError as err:
+                fail(name, f"file {_show(path)}: {err.reason}")

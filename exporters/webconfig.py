@@ -28,22 +28,38 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import os
 import re
 import ssl
 import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import bcrypt
-import yaml
+
+from gpuphase.model.files import (
+    ConfigFileError,
+    check_regular_file,
+    compose_yaml,
+    construct_yaml,
+    read_config_bytes,
+    read_config_text,
+)
 
 if TYPE_CHECKING:
     import grpc
 
 
 class WebConfigError(ValueError):
-    """The web config file is unusable; the message names the file and the reason."""
+    """The web config file is unusable; the message names the file and the reason, on one line of
+    bounded length (a value quoted in it may be anything the file held)."""
+
+    def __init__(self, message: str):
+        text = " ".join(str(message).split())
+        super().__init__(text if len(text) <= 600 else text[:596] + " ...")
 
 
 _TOP_LEVEL_KEYS = {"tls_server_config", "basic_auth_users", "http_server_config"}
@@ -70,6 +86,9 @@ _CLIENT_AUTH = {
 }
 _CLIENT_AUTH_UNVERIFIED = ("RequestClientCert", "RequireAnyClientCert")
 _BCRYPT_HASH = re.compile(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")
+# Each step doubles a check's cost: 12 takes ~0.25 s, 16 ~4 s, 31 about a day (start-up computes
+# one hash of the highest cost, for unknown users). Above 16 a check outlasts a scrape timeout.
+_MAX_BCRYPT_COST = 16
 
 
 @dataclass(frozen=True)
@@ -98,13 +117,20 @@ def load_web_config(path: str) -> WebConfig:
     """Read and validate a web config file; '' means no file (plain HTTP, no auth)."""
     if not path:
         return WebConfig()
+    try:  # a regular file of at most 1 MiB, like --config (gpuphase.model.files)
+        text = read_config_text(path)
+    except ConfigFileError as err:
+        raise WebConfigError(f"{err.where(path)}: cannot read web config file: {err.reason}") from None
     try:
-        with open(path, encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle)
-    except OSError as err:
-        raise WebConfigError(f"{path}: cannot read web config file: {err.strerror or err}") from None
-    except yaml.YAMLError as err:
-        raise WebConfigError(f"{path}: invalid YAML: {err}") from None
+        loader, root = compose_yaml(text)
+    except ConfigFileError as err:
+        raise WebConfigError(f"{err.where(path)}: {err.reason}") from None
+    try:
+        raw = construct_yaml(loader, root) if root is not None else None
+    except ConfigFileError as err:
+        raise WebConfigError(f"{err.where(path)}: {err.reason}") from None
+    finally:
+        loader.dispose()
     return parse_web_config(raw, path)
 
 
@@ -171,8 +197,15 @@ def _tls(tls: Mapping[str, Any], base_dir: str, path: str) -> tuple[ssl.SSLConte
     if not values["key_file"]:
         raise _fail(path, f"{where}key_file is missing")
 
-    def resolve(name: str) -> str:
-        return os.path.join(base_dir, name)
+    def resolve(key: str) -> str:
+        """The path of the file named by `key`, relative to the config file; only a regular file:
+        ssl would open a FIFO and wait for a writer, or read /dev/zero until memory runs out."""
+        full = os.path.join(base_dir, values[key])
+        try:
+            check_regular_file(full)
+        except ConfigFileError as err:
+            raise _fail(path, f"cannot load {where}{key} {values[key]!r}: {err.reason}") from None
+        return full
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = _tls_version(values["min_version"] or "TLS12", path, where + "min_version")
@@ -180,16 +213,17 @@ def _tls(tls: Mapping[str, Any], base_dir: str, path: str) -> tuple[ssl.SSLConte
         context.maximum_version = _tls_version(values["max_version"], path, where + "max_version")
     if context.maximum_version != ssl.TLSVersion.MAXIMUM_SUPPORTED and context.maximum_version < context.minimum_version:
         raise _fail(path, f"{where}max_version is lower than min_version")
+    cert_file, key_file = resolve("cert_file"), resolve("key_file")
     try:
-        context.load_cert_chain(resolve(values["cert_file"]), resolve(values["key_file"]))
+        context.load_cert_chain(cert_file, key_file)
     except (OSError, ssl.SSLError) as err:
         raise _fail(path, f"cannot load {where}cert_file {values['cert_file']!r} / key_file "
                           f"{values['key_file']!r}: {_describe(err)}") from None
     _client_auth(context, values["client_auth_type"], values["client_ca_file"], resolve, path, where)
     files = TlsFiles(
-        cert_file=resolve(values["cert_file"]),
-        key_file=resolve(values["key_file"]),
-        client_ca_file=resolve(values["client_ca_file"]) if values["client_ca_file"] else "",
+        cert_file=cert_file,
+        key_file=key_file,
+        client_ca_file=os.path.join(base_dir, values["client_ca_file"]) if values["client_ca_file"] else "",
         client_auth_type=values["client_auth_type"] or "NoClientCert",
         min_version=values["min_version"] or "TLS12",
     )
@@ -220,7 +254,7 @@ def _client_auth(context: ssl.SSLContext, auth_type: str, ca_file: str, resolve,
         raise _fail(path, f"{where}client_auth_type {auth_type} needs client_ca_file")
     if ca_file:
         try:
-            context.load_verify_locations(cafile=resolve(ca_file))
+            context.load_verify_locations(cafile=resolve("client_ca_file"))
         except (OSError, ssl.SSLError) as err:
             raise _fail(path, f"cannot load {where}client_ca_file {ca_file!r}: {_describe(err)}") from None
     context.verify_mode = verify_mode
@@ -257,8 +291,10 @@ def grpc_server_credentials(web: WebConfig) -> grpc.ServerCredentials | None:
 
 
 def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as handle:
-        return handle.read()
+    try:
+        return read_config_bytes(path)
+    except ConfigFileError as err:
+        raise WebConfigError(f"cannot read {path}: {err.reason}") from None
 
 
 def _describe(err: Exception) -> str:
@@ -282,29 +318,89 @@ def _basic_auth(users: Mapping[str, Any], path: str) -> "BasicAuth | None":
         if not isinstance(hashed, str) or not _BCRYPT_HASH.match(hashed):
             raise _fail(path, f"basic_auth_users.{user}: the password must be a bcrypt hash ($2b$...), "
                               "e.g. from htpasswd -nBC 12")
-        if not 4 <= int(hashed.split("$")[2]) <= 31:
-            raise _fail(path, f"basic_auth_users.{user}: bcrypt cost must be between 4 and 31")
+        if not 4 <= int(hashed.split("$")[2]) <= _MAX_BCRYPT_COST:
+            raise _fail(path, f"basic_auth_users.{user}: bcrypt cost must be between 4 and {_MAX_BCRYPT_COST} "
+                              "(each step doubles the time of a check; 12 takes about 0.25 s)")
         hashes[user] = hashed.encode("ascii")
     return BasicAuth(hashes)
 
 
-class BasicAuth:
-    """Checks an HTTP Authorization header against bcrypt hashes.
+class BcryptBudget:
+    """The bcrypt work credentials not verified before may cause: one check at a time, and at
+    most `rate` a second (a token bucket holding `burst`). Beyond it a check is refused at once:
+    nothing waits, so a flood holds at most one server thread, never the scrapes' threads. Shared
+    by every BasicAuth of the process (the metrics port, the OTLP receivers): they share the CPU."""
 
-    A bcrypt check costs ~100 ms of CPU by design; Prometheus sends the same credentials every
-    scrape, so successful checks are remembered by a SHA-256 of (user, hash, password) — the
-    cache holds no password. Unknown users still pay one bcrypt so response time does not reveal
-    which user names exist.
+    def __init__(self, rate: float = 2.0, burst: int = 4, clock: Callable[[], float] = time.monotonic,
+                 wait: float = 10.0):
+        self.rate, self.burst, self.wait = rate, burst, wait
+        self._clock = clock
+        self._tokens = float(burst)
+        self._refilled = clock()
+        self._lock = threading.Lock()
+        self.slot = threading.Lock()  # held while one bcrypt runs
+
+    def acquire(self, priority: bool = False) -> bool:
+        """The slot for one bcrypt (release() after it). A priority check (a credential verified
+        before) waits up to `wait` for the running one and takes no token; others never wait."""
+        if priority:
+            return self.slot.acquire(timeout=self.wait)
+        if not self.slot.acquire(blocking=False):
+            return False
+        if self._take():
+            return True
+        self.slot.release()
+        return False
+
+    def release(self) -> None:
+        self.slot.release()
+
+    def _take(self) -> bool:
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + max(0.0, now - self._refilled) * self.rate)
+            self._refilled = now
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            return True
+
+
+_SHARED_BUDGET = BcryptBudget()
+
+
+class BasicAuth:
+    """Checks an HTTP Authorization header against bcrypt hashes, without letting a flood of wrong
+    passwords starve the scrapes.
+
+    A bcrypt check costs ~0.1-0.3 s of CPU by design. Every result is remembered for CACHE_TTL
+    (at most MAX_CACHED of each, correct and wrong), keyed by an HMAC of user:password under a
+    key drawn at start: the cache holds no password, nor anything to test guesses against.
+    Prometheus sends the same credentials every scrape, so a correct one costs one bcrypt per TTL,
+    and so does a wrong one repeated. A credential not seen before is checked only within the
+    process-wide BcryptBudget, else refused unhashed (and not remembered: it may be tried again).
+    A correct credential whose entry has expired is checked again outside the budget, and is let
+    in by its other requests meanwhile, so guessing attackers cannot lock out a scraper verified
+    before. Unknown users pay one bcrypt like known ones, so timing does not tell which exist.
     """
 
     MAX_CACHED = 1024
+    CACHE_TTL = 60.0
 
-    def __init__(self, hashes: Mapping[str, bytes]):
+    def __init__(self, hashes: Mapping[str, bytes], *, clock: Callable[[], float] = time.monotonic,
+                 budget: BcryptBudget | None = None):
         self._hashes = dict(hashes)
         # Same cost as the most expensive configured hash, so unknown users take as long.
         cost = max(int(h.split(b"$")[2]) for h in self._hashes.values())
         self._dummy_hash = bcrypt.hashpw(b"not a password", bcrypt.gensalt(rounds=max(cost, 4)))
-        self._verified: set[bytes] = set()
+        self._key = os.urandom(32)
+        self._clock = clock
+        self._budget = budget or _SHARED_BUDGET
+        # HMAC -> expiry, oldest first. Correct credentials stay after expiry (re-verified with
+        # priority); only their owners can add them, so guesses never evict them.
+        self._correct: OrderedDict[bytes, float] = OrderedDict()
+        self._wrong: OrderedDict[bytes, float] = OrderedDict()
+        self._running: set[bytes] = set()  # credentials being checked now
         self._lock = threading.Lock()
 
     def check_header(self, authorization: str | None) -> bool:
@@ -313,22 +409,49 @@ class BasicAuth:
         return credentials is not None and self.check(*credentials)
 
     def check(self, user: str, password: str) -> bool:
-        hashed = self._hashes.get(user)
-        key = hashlib.sha256(b"\0".join((user.encode(), hashed or b"", password.encode()))).digest()
+        # A user name has no ':', so user:password names one pair (as in the header itself).
+        key = hmac.new(self._key, f"{user}:{password}".encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+        now = self._clock()
         with self._lock:
-            if hashed is not None and key in self._verified:
+            if self._correct.get(key, -1.0) > now:
                 return True
+            if self._wrong.get(key, -1.0) > now:
+                return False
+            verified_before = key in self._correct
+            if key in self._running:  # being checked by another request right now
+                return verified_before
+            self._running.add(key)
         try:
-            ok = bcrypt.checkpw(password.encode(), hashed or self._dummy_hash)
-        except ValueError:  # e.g. a password with a NUL byte
+            if not self._budget.acquire(priority=verified_before):
+                return False  # over budget: refused without hashing
+            try:
+                ok = self._bcrypt(user, password)
+            finally:
+                self._budget.release()
+            self._remember(key, ok)
+            return ok
+        finally:
+            with self._lock:
+                self._running.discard(key)
+
+    def _bcrypt(self, user: str, password: str) -> bool:
+        hashed = self._hashes.get(user)
+        try:
+            ok = bcrypt.checkpw(password.encode("utf-8", "surrogatepass"), hashed or self._dummy_hash)
+        except ValueError:  # e.g. a password with a NUL byte, or longer than 72 bytes
             ok = False
-        if not ok or hashed is None:
-            return False
+        return ok and hashed is not None
+
+    def _remember(self, key: bytes, ok: bool) -> None:
+        now = self._clock()
         with self._lock:
-            if len(self._verified) >= self.MAX_CACHED:
-                self._verified.clear()
-            self._verified.add(key)
-        return True
+            entries = self._correct if ok else self._wrong
+            entries.pop(key, None)
+            if not ok:
+                self._correct.pop(key, None)
+            while entries and len(entries) >= self.MAX_CACHED:
+                entries.popitem(last=False)  # the oldest (insertion order = expiry order)
+            entries[key] = now + self.CACHE_TTL
 
 
 def _parse_basic(authorization: str | None) -> tuple[str, str] | None:

@@ -163,3 +163,162 @@ def test_readme_flag_table_names_every_option_with_its_default():
         for option, default in zip(options, defaults):
             value = option.parse(False if default == "off" else default)
             assert value == option.default, (option.flag, default)
+
+
+# --- hostile input: every error one line naming where and why, never a traceback -------------------
+
+# (flag, value, reason): the same text from a file (as YAML), the environment and a flag.
+HOSTILE = [
+    ("otlp.max-request-size", "100GiB", r"must be between 1KiB and 64MiB"),
+    ("otlp.max-request-size", "9" * 30 + "GiB", r"expected a size"),
+    ("sim.seed", "1" * 100_000, r"longer than 4096 characters"),  # int() refuses > 4300 digits
+    ("sim.seed", "1" * 4000, r"at most 2147483647"),
+    ("sim.gpus", "-1", r">= 0"),
+    ("otlp.queue-size", "0", r"between 1 and 65536"),
+    ("phase.max-services", "99999999", r"between 1 and 10000"),
+    ("process.max-series", "2147483648", r"at most 2147483647"),
+    ("sample.timeout", "1" * 400 + "s", r"finite duration"),
+    ("phase.settle", "1" * 400, r"finite duration|too large"),  # YAML: an int float() cannot take
+    ("phase.retention", "1e309", r"expected a duration"),
+    ("sample.interval", "nan", r"expected a duration"),
+    ("sample.interval", "-1s", r"expected a duration"),
+    ("web.telemetry-path", "metrics", r"must start with '/'"),
+    ("log.level", "x" * 5000, r"longer than 4096 characters"),
+    ("web.config.file", "/dev/zero", r"not a regular file \(a character device\)"),
+    ("phase.map", "vllm", r"SERVICE=GPUS"),
+]
+BOMB = "[" + ", ".join(f"&a{i} [{', '.join([f'*a{i - 1}' if i else 'x'] * 9)}]" for i in range(10)) + "]"
+# YAML only: tags, special floats, dates, nesting, sexagesimal ints, aliases.
+HOSTILE_YAML = [
+    ("sample.interval", ".nan", r"finite duration"),
+    ("phase.retention", ".inf", r"finite duration"),
+    ("sample.timeout", "1.0e+309", r"finite duration"),
+    ("backend", "!!python/object/apply:os.system [id]", r"could not determine a constructor"),
+    ("sim.profile", "2001-13-45", r"invalid value: month must be in 1..12"),
+    ("sim.profile", "!!binary AAAA", r"expected a string, got bytes"),
+    ("phase.map", "[" * 3000 + "]" * 3000, r"invalid YAML: nested too deeply"),  # while composing
+    ("sim.seed", ":".join(["1"] + ["0"] * 3000), r"longer than 4096 characters"),
+    ("sim.seed", "0x" + "f" * 4000, r"at most 2147483647, got a number of 16000 bits"),  # repr() would fail
+    ("collector.disable", BOMB, r"expected a string, got list"),
+    ("sim.profile", "&a [*a]", r"recursive"),
+]
+HOSTILE_TEXT = [("sim.profile", "a\x01b", r"control character")]  # YAML refuses it itself
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    """`gpuphase run` in process, which must stop at the configuration: a config that passed
+    would start the agent, so run_agent is replaced by one that says so."""
+    import gpuphase.agent.app
+
+    monkeypatch.setattr(gpuphase.agent.app, "run_agent", lambda config: pytest.fail(f"accepted: {config}"))
+
+    def invoke(args, env=None):
+        return CliRunner().invoke(main, ["run", "--backend", "sim", *args], env=env)
+
+    return invoke
+
+
+def assert_one_line_error(result, where: str, flag: str, reason: str) -> None:
+    import re
+
+    assert result.exit_code == 2, (result.exit_code, result.output[:500], result.exception)
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and len(lines[0]) <= 620, lines
+    # A YAML error found while composing the file precedes any setting; the rest name theirs.
+    prefix = f"gpuphase: {where}: " + ("" if reason.startswith("invalid YAML") else f"{flag}: ")
+    assert lines[0].startswith(prefix), lines[0]
+    assert re.search(reason, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("flag, value, reason", HOSTILE + HOSTILE_YAML, ids=lambda v: str(v)[:30])
+def test_hostile_value_in_the_file(cli, tmp_path, flag, value, reason):
+    path = tmp_path / "hostile.yaml"
+    path.write_text(f"backend: sim\n{flag}: {value}\n")
+    assert_one_line_error(cli(["--config", str(path)]), f"{path}:2", flag, reason)
+
+
+@pytest.mark.parametrize("flag, value, reason", HOSTILE + HOSTILE_TEXT, ids=lambda v: str(v)[:30])
+def test_hostile_value_in_the_environment(cli, flag, value, reason):
+    from gpuphase.agent.config import OPTIONS_BY_FLAG
+
+    env = OPTIONS_BY_FLAG[flag].env
+    assert_one_line_error(cli([], env={env: value}), f"environment variable {env}", flag, reason)
+
+
+@pytest.mark.parametrize("flag, value, reason", HOSTILE + HOSTILE_TEXT, ids=lambda v: str(v)[:30])
+def test_hostile_value_as_a_flag(cli, flag, value, reason):
+    assert_one_line_error(cli([f"--{flag}", value]), f"flag --{flag}", flag, reason)
+
+
+def test_an_alias_bomb_outside_the_settings_is_never_expanded(tmp_path):
+    lines = ["backend: sim", "a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:2: unknown setting 'a0'$"):
+        config_from_cli({"config_file": str(path)}, environ={})
+
+
+def test_only_a_regular_file_of_at_most_1mib_is_read(tmp_path):
+    import os
+    import socket
+
+    from gpuphase.agent.config import read_yaml_settings
+
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * 110_000)
+    sock_path = tmp_path / "s.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock_path))
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    try:
+        for path, reason in ((tmp_path, "not a regular file (a directory)"), ("/dev/zero", "(a character device)"),
+                             (sock_path, "(a socket)"), (fifo, "(a FIFO)"),
+                             (big, "larger than 1 MiB, the limit for a config file")):
+            with pytest.raises(ConfigError) as err:
+                read_yaml_settings(str(path))
+            assert str(err.value).startswith(f"{path}: cannot read config file: ") and reason in str(err.value)
+    finally:
+        server.close()
+    junk = tmp_path / "junk.yaml"
+    junk.write_bytes(b"backend: sim\nsim.profile: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=rf"^{junk}:2: cannot read config file: not UTF-8 text"):
+        read_yaml_settings(str(junk))
+    control = tmp_path / "control.yaml"
+    control.write_bytes(b"backend: sim\n\n\x00\n")
+    with pytest.raises(ConfigError, match=rf"^{control}:3: invalid YAML: character 0x0 is not allowed"):
+        read_yaml_settings(str(control))
+
+
+@pytest.mark.parametrize("source", ["file", "env", "flag", "fifo"])
+def test_the_real_command_exits_2_with_one_line(tmp_path, source):
+    """The agent as started by systemd: 100GiB once ended in grpc's OverflowError traceback, and
+    a FIFO as --config waited for a writer forever."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "gpuphase.yaml"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GPUPHASE_")}
+    args = [sys.executable, "-m", "gpuphase", "run", "--backend", "sim"]
+    if source == "file":
+        path.write_text("backend: sim\notlp.max-request-size: 100GiB\n")
+        args += ["--config", str(path)]
+    elif source == "env":
+        env["GPUPHASE_OTLP_MAX_REQUEST_SIZE"] = "100GiB"
+    elif source == "flag":
+        args += ["--otlp.max-request-size", "100GiB"]
+    else:
+        os.mkfifo(path)
+        args += ["--config", str(path)]
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=60, check=False)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    expected = {"file": f"{path}:2: otlp.max-request-size: must be between 1KiB and 64MiB",
+                "env": "environment variable GPUPHASE_OTLP_MAX_REQUEST_SIZE: otlp.max-request-size: must be between",
+                "flag": "flag --otlp.max-request-size: otlp.max-request-size: must be between",
+                "fifo": f"{path}: cannot read config file: not a regular file (a FIFO)"}[source]
+    assert lines[0].startswith(f"gpuphase: {expected}"), lines[0]
