@@ -33,6 +33,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from gpuphase.agent.config import OPTIONS, ConfigError
 from tests import spanfactory as f
 from tests.agentproc import AgentProcess, poll
+from tests.wire import field
 
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 PROTOBUF, JSON = "application/x-protobuf", "application/json"
@@ -136,20 +137,6 @@ def assert_healthy(agent: AgentProcess) -> None:
 
 
 # --- wire-format building blocks (hand-encoded where protobuf's own encoder refuses the shape) ----
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
 
 
 def request_with_span(span_bytes: bytes, service: str = SERVICE) -> bytes:

@@ -16,42 +16,28 @@ import pytest
 
 from gpuphase.agent import _podresources_pb as pb
 from gpuphase.agent.podresources import PodRef, PodResourcesWatcher, device_map
+from tests.wire import field, varint
 
-# --- protobuf wire encoding, by hand ------------------------------------------------------------
-
-
-def _varint(number: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, number = number & 0x7F, number >> 7
-        out.append(byte | (0x80 if number else 0))
-        if not number:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes | str) -> bytes:
-    """A length-delimited field (wire type 2): strings and embedded messages."""
-    data = payload.encode() if isinstance(payload, str) else payload
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
+# --- protobuf wire encoding, by hand (tests/wire.py) ---------------------------------------------
 
 
 def _devices(resource: str, *ids: str, numa: int | None = 0) -> bytes:
     # ContainerDevices{resource_name=1, device_ids=2, topology=3{nodes=1{ID=1}}}
-    topology = b"" if numa is None else _field(3, _field(1, _varint(1 << 3) + _varint(numa)))
-    return _field(1, resource) + b"".join(_field(2, i) for i in ids) + topology
+    topology = b"" if numa is None else field(3, field(1, varint(1 << 3) + varint(numa)))
+    return field(1, resource) + b"".join(field(2, i) for i in ids) + topology
 
 
 def _container(name: str, *devices: bytes) -> bytes:
     # ContainerResources{name=1, devices=2, cpu_ids=3 (packed int64, unknown to the agent)}
-    return _field(1, name) + b"".join(_field(2, d) for d in devices) + _field(3, _varint(4) + _varint(5))
+    return field(1, name) + b"".join(field(2, d) for d in devices) + field(3, varint(4) + varint(5))
 
 
 def _pod(name: str, namespace: str, *containers: bytes) -> bytes:
-    return _field(1, name) + _field(2, namespace) + b"".join(_field(3, c) for c in containers)
+    return field(1, name) + field(2, namespace) + b"".join(field(3, c) for c in containers)
 
 
 def _response(*pods: bytes) -> bytes:
-    return b"".join(_field(1, p) for p in pods)
+    return b"".join(field(1, p) for p in pods)
 
 
 # --- the fake kubelet ---------------------------------------------------------------------------
@@ -136,8 +122,8 @@ def test_schema_encodes_what_the_kubelet_expects():
     message = pb.ListPodResourcesResponse()
     container = message.pod_resources.add(name="p", namespace="n").containers.add(name="c")
     container.devices.add(resource_name="nvidia.com/gpu", device_ids=["GPU-1"])
-    expected = _response(_field(1, "p") + _field(2, "n") + _field(3, _field(1, "c") + _field(
-        2, _field(1, "nvidia.com/gpu") + _field(2, "GPU-1"))))
+    expected = _response(field(1, "p") + field(2, "n") + field(3, field(1, "c") + field(
+        2, field(1, "nvidia.com/gpu") + field(2, "GPU-1"))))
     assert message.SerializeToString() == expected
 
 
