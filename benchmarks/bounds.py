@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 
-from benchmarks.harness import MIB, AgentProcess, sim_agent_args
+from benchmarks.harness import MIB, AgentProcess
 from benchmarks.otlp_load import _GrpcSender, vllm_request
 from benchmarks.results import Figure, Section, Table
 from tests.spanfactory import key_values
@@ -38,8 +38,10 @@ def label_values(text: str, label: str) -> set[str]:
 
 def run(spans: int = 100_000, per_request: int = 1000) -> Section:
     # Settle 1 s so that placed windows turn into phase series within the run.
-    args = sim_agent_args(2, "1s", "--phase.settle", "1s", "--phase.retention", "60s",
-                          "--phase.max-services", str(MAX_SERVICES))
+    # No --phase.map: a mapped GPU takes only its own services' windows, so the flood's services
+    # reach GPU 0 only as trusted claims (--phase.trust-span-gpus), the worst case for label slots.
+    args = ["--backend", "sim", "--sim.gpus", "2", "--sample.interval", "1s", "--phase.settle", "1s",
+            "--phase.retention", "60s", "--phase.max-services", str(MAX_SERVICES), "--phase.trust-span-gpus"]
     rows = []
     with AgentProcess(*args) as agent:
         agent.wait_ready()
@@ -65,7 +67,9 @@ def run(spans: int = 100_000, per_request: int = 1000) -> Section:
         "bounds", "Bounds under hostile cardinality",
         f"{spans:,} vLLM spans over OTLP/gRPC ({per_request} per request), each with its own service.name, "
         "vllm.process_id and request id, all placed on GPU 0 via `gpuphase.gpu.ids`, sent to a 2-GPU sim agent "
-        f"(`--phase.max-services {MAX_SERVICES}`). Then one scrape: series and distinct label values.")
+        f"without `--phase.map` (`--phase.max-services {MAX_SERVICES} --phase.trust-span-gpus`, so that the "
+        "claims are placed). "
+        "Then one scrape: series and distinct label values.")
     within = len(services) <= MAX_SERVICES + 1
     section.figures.append(Figure("distinct service label values on /metrics", len(services), "values",
                                   goal=f"≤ {MAX_SERVICES} + other", met=within))

@@ -1,4 +1,6 @@
-"""SpanMapper: phase.map, explicit gpu_ids, and pid -> GPU through a fake and the real /proc."""
+"""SpanMapper: phase.map, explicit gpu_ids, and pid -> GPU through a fake and the real /proc.
+
+Which claims are permitted (the trust rules) is tested in tests/test_span_trust.py."""
 
 from __future__ import annotations
 
@@ -89,22 +91,26 @@ def test_same_container_pid_in_two_containers_is_ambiguous_not_guessed(tmp_path)
     assert gpus_of(mapper, decode(0, 1, pid=5)) == (KEYS[3],)  # a PID only one container has
 
 
-def test_phase_map_by_index_and_uuid_wins_over_pid_and_gpu_ids(tmp_path):
+def test_phase_map_by_index_and_uuid_wins_over_pid_and_bounds_gpu_ids(tmp_path):
     mapper = SpanMapper([("vllm", ("1", KEYS[3][1].upper())), ("tgi", ("2",))], proc_root=str(tmp_path))
     mapper.update_gpus(snapshot())
-    assert gpus_of(mapper, decode(0, 1, service="vllm", pid=1, gpu_ids=("0",))) == (KEYS[1], KEYS[3])
+    assert gpus_of(mapper, decode(0, 1, service="vllm", pid=1)) == (KEYS[1], KEYS[3])
     assert gpus_of(mapper, decode(0, 1, service="tgi")) == (KEYS[2],)
+    # The sender's own GPU ids may narrow its mapping, never leave it.
+    assert gpus_of(mapper, decode(0, 1, service="vllm", gpu_ids=(KEYS[3][1],))) == (KEYS[3],)
+    assert gpus_of(mapper, decode(0, 1, service="vllm", pid=1, gpu_ids=("0",))) == "gpu_not_permitted"
+    assert gpus_of(mapper, decode(0, 1, service="vllm", gpu_ids=("1", "2"))) == "gpu_not_permitted"
     assert mapper.service_map() == {KEYS[1]: ("vllm",), KEYS[3]: ("vllm",), KEYS[2]: ("tgi",)}
 
 
-def test_gpu_ids_from_the_sender_by_uuid_or_index(tmp_path):
-    mapper = SpanMapper((), proc_root=str(tmp_path))
+def test_gpu_ids_from_the_sender_by_uuid_or_index_when_trusted(tmp_path):
+    mapper = SpanMapper((), proc_root=str(tmp_path), trust_span_gpus=True)
     mapper.update_gpus(snapshot())
     assert gpus_of(mapper, decode(0, 1, gpu_ids=(KEYS[2][1], "3"))) == (KEYS[2], KEYS[3])
 
 
 def test_unknown_gpu_and_no_mapping_are_counted_not_guessed(tmp_path):
-    mapper = SpanMapper([("vllm", ("0", "7"))], proc_root=str(tmp_path))
+    mapper = SpanMapper([("vllm", ("0", "7"))], proc_root=str(tmp_path), trust_span_gpus=True)
     mapper.update_gpus(snapshot())
     mapped, unmatched = mapper.map([decode(0, 1, service="vllm"), decode(0, 1, gpu_ids=("GPU-nope",)),
                                     decode(0, 1), decode(0, 1, pid=123), decode(0, 1, gpu_ids=("1",))])

@@ -27,10 +27,13 @@ All inputs carry explicit wall-clock times; nothing here reads the clock, so tes
     intervals.py   interval unions and the timeline sweep (pure functions of the windows)
     store.py       the windows held for one placement, and why a window is refused
     ledger.py      one GPU: pending samples, finalisation, totals
+    services.py    the bounded service label: configured, mapped and unmapped services' slots
     accountant.py  PhaseAccountant, the one object the rest of the agent talks to
 """
 
-from gpuphase.agent.phases.accountant import DEFAULT_MAX_WINDOWS_PER_GPU, OTHER_SERVICE, PhaseAccountant
+from gpuphase.agent.phases.accountant import (DEFAULT_MAX_WINDOWS_PER_GPU, DEFAULT_SERVICE_TTL, OTHER_SERVICE,
+                                              PhaseAccountant)
 from gpuphase.agent.phases.intervals import Interval, Segment, timeline
 
-__all__ = ["DEFAULT_MAX_WINDOWS_PER_GPU", "OTHER_SERVICE", "Interval", "PhaseAccountant", "Segment", "timeline"]
+__all__ = ["DEFAULT_MAX_WINDOWS_PER_GPU", "DEFAULT_SERVICE_TTL", "OTHER_SERVICE", "Interval", "PhaseAccountant",
+           "Segment", "timeline"]

@@ -8,19 +8,22 @@ from collections import Counter, deque
 from typing import Iterable, Sequence
 
 from gpuphase.agent.phases.ledger import GpuLedger, Reading
+from gpuphase.agent.phases.services import OTHER_SERVICE, ServiceLabels
 from gpuphase.agent.phases.store import INVALID_WINDOW, TOO_NEW, TOO_OLD, WindowStore
 from gpuphase.model.durations import MIN_SAMPLE_INTERVAL
 from gpuphase.model.phase import WORK_PHASES, GpuKey, PhaseWindow
 from gpuphase.model.snapshot import GpuSample
 from gpuphase.model.view import PhaseSeries
 
-OTHER_SERVICE = "other"
-
+__all__ = ["DEFAULT_MAX_WINDOWS_PER_GPU", "DEFAULT_SERVICE_TTL", "OTHER_SERVICE", "PhaseAccountant"]
 
 # Held windows per GPU: enough for a tensor-parallel service at thousands of spans a second over
 # the default settle, small enough that a flood of disjoint windows stays within tens of MiB per
 # GPU (docs/design-figures.md).
 DEFAULT_MAX_WINDOWS_PER_GPU = 300_000
+# A service label slot unused this long (no window ending later) may be given to another service;
+# never less than retention + settle, after which all of a service's windows are counted.
+DEFAULT_SERVICE_TTL = 3600.0
 _INF, _NEG_INF = math.inf, -math.inf
 
 
@@ -34,21 +37,24 @@ class PhaseAccountant:
     """
 
     def __init__(self, settle: float, retention: float, max_services: int,
-                 max_windows_per_gpu: int = DEFAULT_MAX_WINDOWS_PER_GPU) -> None:
+                 max_windows_per_gpu: int = DEFAULT_MAX_WINDOWS_PER_GPU,
+                 service_ttl: float = DEFAULT_SERVICE_TTL) -> None:
         if retention <= settle:
             raise ValueError("retention must be longer than settle")
         if max_services < 1:
             raise ValueError("max_services must be at least 1")
         self._settle = settle
         self._retention = retention
-        self._max_services = max_services
+        # After retention + settle past its last window's end, a service has nothing held (see
+        # ServiceLabels): its series can go without being made again by a late count.
+        self._service_hold = retention + settle
+        self._labels = ServiceLabels(max_services, max(service_ttl, self._service_hold))
         self._max_windows = max_windows_per_gpu
         self._max_samples = int(retention / MIN_SAMPLE_INTERVAL) + 2
         self._lock = threading.Lock()
         self._incoming: deque[tuple[GpuKey, Reading]] = deque()  # see add_sample()
         self._ledgers: dict[GpuKey, GpuLedger] = {}
         self._stores: dict[tuple[GpuKey, ...], WindowStore] = {}  # by placement (see WindowStore)
-        self._services: set[str] = set()
         self._now = -math.inf
         self._rejected: Counter[str] = Counter()
         self._clipped = 0
@@ -74,12 +80,21 @@ class PhaseAccountant:
                 self._lock.release()
 
     def set_mapping(self, gpu_key: GpuKey, services: Iterable[str]) -> None:
-        """The services configured for a GPU (phase.map); its idle time is theirs."""
+        """The services configured for a GPU (phase.map); its idle time is theirs. Configured
+        services always keep their own label value (they take none of the max_services slots)."""
         with self._lock:
             ledger = self._ledger(gpu_key)
-            ledger.configured_services = tuple(dict.fromkeys(self._fold(s, admit=True) for s in services))
+            ledger.configured_services = tuple(dict.fromkeys(services))
             for service in ledger.configured_services:
+                self._labels.configure(service)
                 self._dirty |= ledger.ensure_series(service)
+
+    def mark_mapped(self, services: Iterable[str]) -> None:
+        """The services the mapper placed by entitlement (phase.map, pid, pod) in the batch about to
+        be placed: their label slots have priority over those of services placed on a trusted GPU
+        claim only. SpanMapper's on_mapped; each call replaces the last."""
+        with self._lock:
+            self._labels.entitled = frozenset(services)
 
     def place(self, gpus: Sequence[GpuKey], windows: Iterable[PhaseWindow]) -> None:
         """Windows the mapper put on these GPUs (one, or a tensor-parallel group: each GPU gets
@@ -95,8 +110,9 @@ class PhaseAccountant:
             # is no "now" to compare with.
             oldest_end = self._now - self._retention if self._now > -math.inf else -math.inf
             latest_start = self._now + self._retention if self._now > -math.inf else math.inf
+            labels, now = self._labels, self._now
             for window in windows:
-                service = self._fold(window.service, admit=False)
+                service = labels.label(window.service, now)
                 start, end = window.start, window.end
                 # One chained comparison for the usual window (NaN fails it too); _screen says why not.
                 if _NEG_INF < start <= end < _INF and oldest_end <= end and start <= latest_start \
@@ -108,8 +124,9 @@ class PhaseAccountant:
                     self._rejected[held_from] += len(members)
                     continue
                 room -= 1
-                if service not in self._services:
-                    self._fold(service, admit=True)
+                evicted = labels.use(service, window.end, now)
+                if evicted is not None and evicted[1]:  # an expired slot: nothing of it is held
+                    self._drop_service(evicted[0])
                 if held_from > window.start:
                     self._clipped += len(members)
                 if held_from < earliest.get(service, math.inf):
@@ -137,6 +154,8 @@ class PhaseAccountant:
             cutoff = self._now - self._settle
             for ledger in self._ledgers.values():
                 self._dirty |= ledger.finalise(cutoff, self._now, self._retention)
+            for service in self._labels.retire_due(self._now, self._service_hold):
+                self._drop_service(service)
             for gpus, store in list(self._stores.items()):
                 store.forget()
                 if store.empty():  # placements come and go (pids); an empty one costs nothing to remake
@@ -190,16 +209,20 @@ class PhaseAccountant:
                 member.stores.append(store)
         return store
 
-    def _fold(self, service: str, admit: bool) -> str:
-        """Bound the service label: the first max_services names are kept, later ones become
-        'other'. Only accepted windows (admit=True) take up one of the places."""
-        if service in self._services or service == OTHER_SERVICE:
-            return service
-        if len(self._services) < self._max_services:
-            if admit:
-                self._services.add(service)
-            return service
-        return OTHER_SERVICE
+    def services(self) -> dict[str, str]:
+        """service -> 'configured', 'mapped' or 'unmapped' for every service with its own label slot."""
+        with self._lock:
+            out = dict.fromkeys(self._labels.configured, "configured")
+            for service, slot in self._labels.slots.items():
+                out[service] = "mapped" if slot.mapped else "unmapped"
+            return out
+
+    def _drop_service(self, service: str) -> None:
+        """A service lost its label slot and has nothing held: its series, ties and last span go."""
+        for ledger in self._ledgers.values():
+            self._dirty |= ledger.forget_service(service)
+        for label in [label for label in self._last_span if label[2] == service]:
+            del self._last_span[label]
 
     def _screen(self, window: PhaseWindow) -> str:
         """Why a window that fails place()'s bounds is refused (none of it depends on the GPU)."""

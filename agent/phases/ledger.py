@@ -105,6 +105,14 @@ class GpuLedger:
                 pieces.append((lo, hi, owners))
         return pieces
 
+    def forget_service(self, service: str) -> bool:
+        """Drop a service's tie and series here (its label was given to another); True if it had any."""
+        self.learned_services.pop(service, None)
+        gone = [key for key in self.totals if key[0] == service]
+        for key in gone:
+            del self.totals[key]
+        return bool(gone)
+
     def ensure_series(self, service: str) -> bool:
         """Create the four phase totals of a service; True when they are new."""
         if (service, IDLE) in self.totals:

@@ -17,11 +17,20 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from gpuphase.agent.spans import attributes as attrs
 from gpuphase.agent.spans.attributes import InvalidSpan
-from gpuphase.model.phase import WORK_PHASES, PhaseWindow, new_window
+from gpuphase.model.phase import DECODE, PREFILL, WORK_PHASES, PhaseWindow, new_window
 
 MIN_TIMESTAMP = 946_684_800.0  # 2000-01-01: anything earlier is an unset or broken clock
 MAX_TIMESTAMP = 4_102_444_800.0  # 2100-01-01
 MAX_WINDOW_SECONDS = 86_400.0  # no prefill or decode lasts a day; longer is a broken sender
+# Tokens must be plausible for the window's length: at most what one instant can carry (a whole
+# prompt served from the prefix cache; one step of a very large batch) plus a rate above what any
+# GPU computes (a 1B-parameter model's prefill at an H100's full dense bf16 rate is ~5 x 10^5
+# tokens/s; one request decodes at ~10^3 tokens/s, a whole batch rarely above ~10^5). A window over
+# its ceiling is a broken or hostile sender: InvalidSpan, like a count over attributes.MAX_TOKENS
+# (docs/spans.md).
+MAX_TOKENS_AT_ONCE = {PREFILL: 1_048_576, DECODE: 65_536}
+MAX_TOKENS_PER_SECOND = {PREFILL: 1_000_000.0, DECODE: 250_000.0}
+_ALWAYS_PLAUSIBLE = min(MAX_TOKENS_AT_ONCE.values())  # the common case costs one comparison
 TRACE_ID_BYTES = 16
 SPAN_ID_BYTES = 8
 
@@ -89,6 +98,11 @@ def _check_interval(start: float, end: float) -> None:
     raise InvalidSpan("window is longer than a day")
 
 
+def token_ceiling(phase: str, seconds: float) -> float:
+    """The most tokens a window of this phase and length may carry (MAX_TOKENS_AT_ONCE and _PER_SECOND)."""
+    return MAX_TOKENS_AT_ONCE[phase] + MAX_TOKENS_PER_SECOND[phase] * seconds
+
+
 def make_window(phase: str, start: float, end: float, ids: bytes, resource: ResourceInfo, decoder: str,
                 tokens: int = 0, pid: int | None = None, gpu_ids: tuple[str, ...] = ()) -> PhaseWindow:
     """A validated PhaseWindow of the span whose span_ids() are `ids`; span-level pid/gpu_ids
@@ -98,5 +112,8 @@ def make_window(phase: str, start: float, end: float, ids: bytes, resource: Reso
     if resource.invalid_reason:
         raise InvalidSpan(resource.invalid_reason)
     _check_interval(start, end)
+    if tokens > _ALWAYS_PLAUSIBLE and tokens > token_ceiling(phase, end - start):
+        raise InvalidSpan(f"{tokens} {phase} tokens in {end - start:.6g} s is implausible "
+                          f"(at most {MAX_TOKENS_AT_ONCE[phase]} + {MAX_TOKENS_PER_SECOND[phase]:.0f}/s)")
     return new_window((phase, start, end, resource.service, decoder, ids + _PHASE_SUFFIX[phase], tokens,
                        resource.pid if pid is None else pid, gpu_ids or resource.gpu_ids))
