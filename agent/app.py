@@ -35,12 +35,18 @@ class Agent:
         self._backend = backend
         self._stopped = threading.Event()
         self._servers: list[Any] = []
+        self._listeners: dict[str, Any] = {}  # HTTP listeners by name, for their counters in the view
         self.metrics_port = 0
         self.otlp_grpc_address = ""
         self.otlp_http_address = ""
         self.accountant = PhaseAccountant(config.phase_settle, config.phase_retention, config.phase_max_services)
-        self.mapper = SpanMapper(config.phase_map)
-        self.intake = SpanIntake(self._on_windows, config.otlp_max_request_bytes, config.otlp_queue_size)
+        self.mapper = SpanMapper(config.phase_map, on_mapped=self.accountant.mark_mapped,
+                                 trust_span_gpus=config.phase_trust_span_gpus)
+        self.intake = SpanIntake(self._on_windows, config.otlp_max_request_bytes, config.otlp_queue_size,
+                                 max_spans_per_request=config.otlp_max_spans_per_request,
+                                 max_items_per_request=config.otlp_max_items_per_request,
+                                 max_spans_per_second=config.otlp_max_spans_per_second,
+                                 parse_slots=config.otlp_max_concurrent_parses)
         self._accounting = LatestValueWorker("phase-accounting", self._account)
         self.sampler: Sampler | None = None
 
@@ -112,6 +118,7 @@ class Agent:
                                 telemetry_path=config.web_telemetry_path, ready=self.ready,
                                 web_config=load_web_config(config.web_config_file)).start()
         self._servers.append(metrics)
+        self._listeners["web"] = metrics
         self.metrics_port = metrics.port
         self._metrics_scheme = metrics.scheme
         self.intake.start()
@@ -122,7 +129,8 @@ class Agent:
             from gpuphase.exporters.webconfig import grpc_server_credentials
 
             grpc_server = start_grpc_server(self.intake, config.otlp_grpc_listen_address,
-                                            grpc_server_credentials(otlp_web), auth)
+                                            grpc_server_credentials(otlp_web), auth,
+                                            max_concurrent_rpcs=config.otlp_grpc_max_concurrent_rpcs)
             self._servers.append(grpc_server)
             self.otlp_grpc_address = _with_port(config.otlp_grpc_listen_address, grpc_server.port)
         if config.otlp_http_listen_address:
@@ -130,6 +138,7 @@ class Agent:
 
             http_server = start_http_server(self.intake, config.otlp_http_listen_address, otlp_web.ssl_context, auth)
             self._servers.append(http_server)
+            self._listeners["otlp_http"] = http_server
             self.otlp_http_address = _with_port(config.otlp_http_listen_address, http_server.port)
         if config.otlp_metrics_endpoint:
             self._start_metrics_push(registry)
@@ -216,6 +225,7 @@ class Agent:
             last_span=self.accountant.last_span(),
             spans=SpanStats(stats.received, rejected, stats.unmatched),
             sampler=self.sampler.stats() if self.sampler else SamplerStats(),
+            listeners={name: listener.stats() for name, listener in self._listeners.items()},
         )
 
 

@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("gpuphase.agent.config",),
     ("gpuphase.agent.sampler", "gpuphase.agent.spans", "gpuphase.agent.phases", "gpuphase.exporters",
      "gpuphase.dashboards"),
-    ("gpuphase.agent.backends", "gpuphase.agent.processes", "gpuphase.agent.podresources",
+    ("gpuphase.agent.backends", "gpuphase.agent.processes", "gpuphase.agent.podresources", "gpuphase.web",
      "gpuphase.agent.latest", "gpuphase.agent.logs", "gpuphase.agent.sdnotify", "gpuphase.alerts"),
     ("gpuphase.agent._podresources_pb",),
     ("gpuphase.model", "=gpuphase", "=gpuphase.agent"),

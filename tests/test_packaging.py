@@ -536,3 +536,43 @@ def test_dockerfile_hygiene():
             for source in args.split()[:-1]:
                 if "*" not in source:
                     assert (ROOT / source).exists(), f"COPY source {source} does not exist"
+
+
+def test_with_basic_auth_the_rendered_probes_pass_and_metrics_stay_locked(tmp_path):
+    """The DaemonSet's probes, exactly as rendered with the web-config component, against a real
+    agent with basic auth on: the kubelet (no credentials) gets 200, an anonymous scrape 401."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    import bcrypt
+
+    from tests.agentproc import AgentProcess
+
+    container = _container(_kustomize(KUSTOMIZE_BASE / "examples" / "all-components"))
+    (flag,) = [arg for arg in container["args"] if arg.startswith("--web.config.file=")]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "web-config"]
+    assert flag.partition("=")[2].startswith(mount["mountPath"] + "/")
+    metrics_port = {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"]
+    assert f"--web.listen-address=:{metrics_port}" in container["args"]
+    probes = [container[kind]["httpGet"] for kind in ("readinessProbe", "livenessProbe")]
+    web_config = tmp_path / "web-config.yml"
+    password_hash = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
+    web_config.write_text(yaml.safe_dump({"basic_auth_users": {"prometheus": password_hash}}))
+
+    def status(url: str, headers: dict[str, str] | None = None) -> int:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as answer:
+                return answer.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    with AgentProcess(["--backend", "sim", "--sim.gpus", "1", f"--web.config.file={web_config}"]) as agent:
+        for probe in probes:
+            assert probe["port"] == "metrics"
+            headers = {h["name"]: h["value"] for h in probe.get("httpHeaders", [])}
+            url = f"{probe.get('scheme', 'HTTP').lower()}://127.0.0.1:{agent.metrics_port}{probe['path']}"
+            assert status(url, headers) == 200, probe
+        assert status(agent.metrics_url) == 401
+        credentials = base64.b64encode(b"prometheus:s3cret").decode()
+        assert status(agent.metrics_url, {"Authorization": f"Basic {credentials}"}) == 200

@@ -12,7 +12,7 @@ rich_view() is the scenario that must exercise every metric in gpuphase/model/me
 from __future__ import annotations
 
 from gpuphase.model.snapshot import GpuIdentity, GpuSample, MigReading, ProcessSample, Snapshot
-from gpuphase.model.view import PhaseSeries, SamplerStats, SpanStats, View
+from gpuphase.model.view import ListenerStats, PhaseSeries, SamplerStats, SpanStats, View
 
 NOW = 1_700_000_000.0
 GIB = 1024.0**3
@@ -185,6 +185,7 @@ def rich_view() -> View:
             unmatched={"no_mapping": 7},
         ),
         sampler=SamplerStats(ticks=3600, overruns=1, last_tick_duration_seconds=0.004),
+        listeners={"web": ListenerStats(3, {"evicted": 2}), "otlp_http": ListenerStats(1, {"header_too_large": 1})},
     )
 
 

@@ -1,4 +1,4 @@
-"""The agent itself: build information and the sampler's health.
+"""The agent itself: build information, the sampler's health and its HTTP listeners' counters.
 
 gpu_scrape_collector_success / _duration_seconds (also declared under this collector) are
 written by exporters.registry, which times every collector, this one included.
@@ -23,4 +23,10 @@ def collect(view: View) -> Iterator[Family]:
     overruns.add((), view.sampler.overruns)
     tick_duration = Family("gpu_sampler_tick_duration_seconds")
     tick_duration.add((), view.sampler.last_tick_duration_seconds)
-    return nonempty((build_info, ticks, overruns, tick_duration))
+    connections = Family("gpu_http_open_connections")
+    rejected = Family("gpu_http_rejected_total")
+    for listener, stats in sorted(view.listeners.items()):
+        connections.add((listener,), stats.open_connections)
+        for reason, count in sorted(stats.rejected.items()):
+            rejected.add((listener, reason), count)
+    return nonempty((build_info, ticks, overruns, tick_duration, connections, rejected))

@@ -43,6 +43,14 @@ class SamplerStats:
 
 
 @dataclass(frozen=True)
+class ListenerStats:
+    """One HTTP listener (web, otlp_http): its open connections and what it refused, by reason."""
+
+    open_connections: int = 0
+    rejected: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class View:
     snapshot: Snapshot | None
     backend: str = ""
@@ -51,6 +59,7 @@ class View:
     last_span: Mapping[tuple[int, str, str], float] = field(default_factory=dict)
     spans: SpanStats = field(default_factory=SpanStats)
     sampler: SamplerStats = field(default_factory=SamplerStats)
+    listeners: Mapping[str, ListenerStats] = field(default_factory=dict)  # by listener name
 
 
 class ViewSource(Protocol):
