@@ -287,6 +287,22 @@ def test_when_every_connection_is_busy_a_new_one_is_refused(server, app):
         sock.close()
 
 
+def test_a_tls_client_on_the_plain_port_is_counted_and_told_once(server, caplog):
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with caplog.at_level(logging.WARNING, logger="gpuphase.web.server"):
+        for _ in range(2):
+            with pytest.raises((ssl.SSLError, OSError)):
+                with context.wrap_socket(connect(server), server_hostname="localhost"):
+                    pass
+    assert rejected(server, "tls_on_plain_port") == 2
+    assert [r.getMessage() for r in caplog.records].count(
+        "test listener: a client sent a TLS handshake to this plain-HTTP port; set the sender's endpoint to "
+        "http://, or serve TLS with a web config file (further ones in the next minute logged at debug level)") == 1
+
+
 def test_a_client_hanging_up_early_prints_nothing(server, capfd):
     for raw in (b"GET / HT", b"POST /x HTTP/1.1\r\nContent-Length: 50\r\n\r\nabc", b""):
         with connect(server) as sock:

@@ -47,6 +47,7 @@ REQUEST_TIMEOUT = "request_timeout"
 EVICTED = "evicted"
 TOO_MANY_CONNECTIONS = "too_many_connections"
 TLS_HANDSHAKE = "tls_handshake"
+TLS_ON_PLAIN_PORT = "tls_on_plain_port"
 LENGTH_REQUIRED = "length_required"
 TOO_LARGE = "too_large"
 BUSY = "busy"
@@ -288,6 +289,13 @@ class HttpServer:
                     self._count(REQUEST_TIMEOUT)  # connected and said nothing
                 return
             if not first_byte:
+                return
+            if first_byte[0] == _TLS_HANDSHAKE_RECORD and self.ssl_context is None:
+                # An exporter configured for https:// (or gRPC's default TLS) sends to a plain port;
+                # it would only ever see a dropped connection, so say what is wrong here.
+                self._count(TLS_ON_PLAIN_PORT)
+                _throttled_warning(f"{self.name}: a client sent a TLS handshake to this plain-HTTP port; set the "
+                                   "sender's endpoint to http://, or serve TLS with a web config file")
                 return
             deadline = loop.time() + limits.request_timeout
             try:
