@@ -13,6 +13,10 @@ time_to_first_token cannot be placed: unmatched{reason="no_time_to_first_token"}
 Because the latencies come from another clock than the span's timestamps, windows may poke out of
 the span by up to CLOCK_SLACK_SECONDS and are clamped into it; more than that is a broken sender
 (InvalidSpan → rejected{reason="invalid_window"}).
+
+SGLang's root span (` Req <rid>`, scope `sglang server`, attribute `rid`) carries the same
+gen_ai.latency.* names from 0.5.9 but measures them from the API server's dispatch, so its
+"prefill" would include the queue wait: it is left to the SGLang decoder (sglang.is_root_span).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from gpuphase.agent.spans import attributes as attrs
 from gpuphase.agent.spans.attributes import InvalidSpan, UnmatchedSpan
+from gpuphase.agent.spans.decoders import sglang
 from gpuphase.agent.spans.decoders.common import ResourceInfo, make_window, span_ids, span_seconds
 from gpuphase.model.phase import DECODE, PREFILL, PhaseWindow
 
@@ -44,7 +49,7 @@ KEYS = frozenset({TIME_IN_QUEUE, TIME_TO_FIRST_TOKEN, E2E, TIME_IN_PREFILL, TIME
 
 def decode(resource: ResourceInfo, scope: InstrumentationScope, span: Span, name: str,
            found: attrs.Found) -> list[PhaseWindow] | None:
-    if name != SPAN_NAME and TIME_TO_FIRST_TOKEN not in found:
+    if name != SPAN_NAME and (TIME_TO_FIRST_TOKEN not in found or sglang.is_root_span(scope, name, found)):
         return None
     start, end = span_seconds(span)
     ttft = attrs.get_float(found, TIME_TO_FIRST_TOKEN)
