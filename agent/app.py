@@ -223,7 +223,7 @@ class Agent:
             backend=self._backend.name if self._backend else "",
             phases=self.accountant.series(),
             last_span=self.accountant.last_span(),
-            spans=SpanStats(stats.received, rejected, stats.unmatched),
+            spans=SpanStats(stats.received, rejected, stats.unmatched, self.accountant.clipped()),
             sampler=self.sampler.stats() if self.sampler else SamplerStats(),
             listeners={name: listener.stats() for name, listener in self._listeners.items()},
         )

@@ -169,11 +169,12 @@ def test_spans_and_agent_stats(rich):
     assert value(rich, "gpu_sampler_overruns_total") == 1
 
 
-def test_before_the_first_snapshot_only_agent_and_health_series_render():
+def test_before_the_first_snapshot_only_agent_health_and_label_free_span_series_render():
     text = render(views.empty_view())
     assert {s.name for s in samples(text)} == {
         "gpuphase_build_info", "gpu_sampler_ticks_total", "gpu_sampler_overruns_total",
         "gpu_sampler_tick_duration_seconds", "gpu_scrape_collector_success", "gpu_scrape_collector_duration_seconds",
+        "gpu_spans_clipped_total",  # a counter without labels: 0 from the start, so rate() sees its first clip
     }
     assert set(series(text, "gpu_scrape_collector_success").values()) == {1.0}
 

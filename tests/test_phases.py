@@ -87,6 +87,20 @@ def test_late_windows_counted_within_settle_clipped_when_partly_final_refused_wh
     assert acc.clipped() == 1
 
 
+def test_clipped_windows_reach_the_agents_view():
+    """The operator watches gpu_spans_clipped_total (docs/phases.md): the agent's view carries the count."""
+    from gpuphase.agent.app import Agent
+    from gpuphase.agent.config import Config
+
+    agent = Agent(Config(phase_settle=SETTLE))
+    acc = agent.accountant
+    feed(acc, [sample(100), sample(101), sample(102)])
+    acc.add_windows(KEY0, [decode(100.0, 100.2)])
+    acc.advance(101 + SETTLE)
+    acc.add_windows(KEY0, [decode(100.5, 101.5)])  # began in final time: clipped
+    assert agent.view().spans.clipped == 1
+
+
 def test_duplicates_count_once_while_held_and_after_counting():
     acc = accountant()
     feed(acc, [sample(100), sample(102)])

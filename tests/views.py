@@ -183,6 +183,7 @@ def rich_view() -> View:
             received={"vllm": 1200, "tgi": 300},
             rejected={"malformed": 2},
             unmatched={"no_mapping": 7},
+            clipped=3,
         ),
         sampler=SamplerStats(ticks=3600, overruns=1, last_tick_duration_seconds=0.004),
         listeners={"web": ListenerStats(3, {"evicted": 2}), "otlp_http": ListenerStats(1, {"header_too_large": 1})},

@@ -1,7 +1,7 @@
-"""Span intake: spans received by decoder, and spans rejected or left unmatched by reason.
+"""Span intake: spans received by decoder, spans rejected or left unmatched by reason, windows clipped.
 
 Each gpu_spans_<field>_total counter of gpuphase/model/metrics.yaml is read from the SpanStats field of
-the same name ({label value: count}).
+the same name: {label value: count}, or a plain count for a counter without labels.
 """
 
 from __future__ import annotations
@@ -21,7 +21,11 @@ def collect(view: View) -> Iterator[Family]:
     families = []
     for definition in metricdefs.by_collector("spans"):
         family = Family(definition.name)
-        for label_value, count in getattr(view.spans, _field(definition.name)).items():
-            family.add((label_value,), count)
+        counts = getattr(view.spans, _field(definition.name))
+        if not definition.labels:
+            family.add((), counts)
+        else:
+            for label_value, count in counts.items():
+                family.add((label_value,), count)
         families.append(family)
     return nonempty(families)

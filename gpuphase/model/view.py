@@ -33,6 +33,7 @@ class SpanStats:
     received: Mapping[str, int] = field(default_factory=dict)  # by decoder
     rejected: Mapping[str, int] = field(default_factory=dict)  # by reason
     unmatched: Mapping[str, int] = field(default_factory=dict)  # by reason
+    clipped: int = 0  # windows accepted only in part: they began in time already finalised
 
 
 @dataclass(frozen=True)
