@@ -234,18 +234,25 @@ def _with_port(address: str, port: int) -> str:
     return f"{host or '0.0.0.0'}:{port}"
 
 
-def run_agent(config: Config) -> int:
-    """`gpuphase run`: start, serve until SIGTERM/SIGINT, stop cleanly. Returns the exit code."""
-    from gpuphase.agent.logs import setup_logging
-
-    setup_logging(config.log_format, config.log_level)
-    agent = Agent(config)
+def handle_signals(agent: Agent) -> None:
+    """SIGTERM and SIGINT ask the agent to stop cleanly, SIGHUP is logged and ignored (`run` and
+    `demo` alike). Installed explicitly even for SIGINT: a background job of a non-interactive
+    shell starts with SIGINT ignored, and Python then never raises KeyboardInterrupt for it."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.request_stop())
     # SIGHUP's default would end the agent: a closed terminal, or an operator used to daemons
     # that reload on it. There is nothing to reload in place, so it is said and ignored.
     signal.signal(signal.SIGHUP, lambda *_: log.warning(
         "SIGHUP received: the agent does not reload its configuration; restart it to apply changes"))
+
+
+def run_agent(config: Config) -> int:
+    """`gpuphase run`: start, serve until SIGTERM/SIGINT, stop cleanly. Returns the exit code."""
+    from gpuphase.agent.logs import setup_logging
+
+    setup_logging(config.log_format, config.log_level)
+    agent = Agent(config)
+    handle_signals(agent)
     try:
         agent.start_servers()
         _start_sampling_with_wait(agent, config)

@@ -225,3 +225,22 @@ def test_sighup_is_logged_and_ignored():
         assert agent.process().is_running()
         agent.assert_answering()
 
+
+
+@pytest.mark.parametrize("stop_signal, ignored_at_start", [(signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_demo_stops_cleanly_on_sigterm_and_on_sigint_even_if_started_ignoring_it(stop_signal, ignored_at_start):
+    """`gpuphase demo` stops like `run`: a clean exit 0 with its "stopping" line. SIGINT too when the
+    process started with it ignored, as a background job of a non-interactive shell does."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignored_at_start else None
+    try:
+        demo = AgentProcess([], command="demo")
+        demo.start()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    try:
+        demo.process().send_signal(stop_signal)
+        assert demo.wait_exit(WAIT) == 0, demo.stderr_text()
+        assert "stopping" in demo.stderr_text()
+    finally:
+        demo.stop()

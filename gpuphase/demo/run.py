@@ -168,7 +168,7 @@ def demo_config(config: Config, scenario: Scenario) -> Config:
 
 
 def run_demo(config: Config, demo_scenario: str, demo_duration: float | None, demo_truth_file: str | None) -> int:
-    from gpuphase.agent.app import Agent
+    from gpuphase.agent.app import Agent, handle_signals
     from gpuphase.agent.logs import setup_logging
 
     setup_logging(config.log_format, config.log_level)
@@ -179,6 +179,7 @@ def run_demo(config: Config, demo_scenario: str, demo_duration: float | None, de
         return 2
     backend = SimBackend(scenario.gpus, config.sim_profile, config.sim_seed)
     agent = Agent(config, backend=backend)
+    handle_signals(agent)
     agent.start()
     emitter = OtlpSpanEmitter(agent.otlp_grpc_address, agent.otlp_http_address)
     workload = Workload(scenario, backend, emitter, seed=config.sim_seed, keep_history=demo_truth_file is not None)
@@ -202,9 +203,8 @@ def run_demo(config: Config, demo_scenario: str, demo_duration: float | None, de
             write_truth()
             if deadline and time.monotonic() >= deadline:
                 break
-    except KeyboardInterrupt:
-        pass
     finally:
+        log.info("stopping")
         write_truth()
         workload.stop()
         emitter.shutdown()
