@@ -2,7 +2,7 @@
 
     python -m gpuphase.alerts.rules                       write alerts/gpuphase-rules.yaml
     python -m gpuphase.alerts.rules --check               exit 1 if the committed file is stale (CI)
-    python -m gpuphase.alerts.rules --for-scale 0.01 -o /tmp/fast.yaml
+    python -m gpuphase.alerts.rules --for-scale 0.01 --scrape-interval 1s -o /tmp/fast.yaml
                                                  every alert window 100x shorter (end-to-end tests)
     python -m gpuphase.alerts.rules --set idle_threshold=0.1 --set idle_for=1h -o my-rules.yaml
 
@@ -10,6 +10,9 @@ Thresholds and windows live in `RuleConfig` below (kubernetes-mixin style): chan
 with --set, never by editing the generated YAML. Windows marked `scaled` shrink with --for-scale;
 the rate windows of the recording rules do not, because they exist to hold enough scrapes for a
 rate(), which a faster test does not change (set them with --set state_window=... if needed).
+The scaled windows that are ranges of a rate() or *_over_time() (`range_`) shrink no further than
+RANGE_SCRAPES scrapes of --scrape-interval: a 3 s range over a 5 s scrape holds at most one sample,
+and the rule, silently, never fires.
 """
 
 from __future__ import annotations
@@ -39,9 +42,16 @@ def window_seconds(text: str) -> int:
     return int(seconds)
 
 
-def _duration(default: str, *, scaled: bool = True) -> Any:
-    """A window in whole seconds, written like Prometheus ("30m"); `scaled` ones follow --for-scale."""
-    return field(default=window_seconds(default), metadata={"duration": True, "scaled": scaled})
+# Prometheus' own advice for rate(): a range of at least four scrape intervals, so that one missed
+# scrape still leaves the two samples a rate needs.
+RANGE_SCRAPES = 4
+DEFAULT_SCRAPE_INTERVAL = window_seconds("15s")
+
+
+def _duration(default: str, *, scaled: bool = True, range_: bool = False) -> Any:
+    """A window in whole seconds, written like Prometheus ("30m"); `scaled` ones follow --for-scale;
+    `range_` ones are the range of a rate() or *_over_time() and keep RANGE_SCRAPES scrapes."""
+    return field(default=window_seconds(default), metadata={"duration": True, "scaled": scaled, "range": range_})
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,14 +68,14 @@ class RuleConfig:
     # Activity: SM active (GPM) where the GPU has it, NVML utilization.gpu elsewhere, averaged
     # over activity_window so that the gaps between requests of a busy GPU never look idle.
     idle_threshold: float = 0.05
-    activity_window: int = _duration("5m")
+    activity_window: int = _duration("5m", range_=True)
     idle_for: int = _duration("30m")  # GpuIdleAllocated: processes hold an idle GPU this long
     unused_for: int = _duration("6h")  # GpuUnused: no process and no work this long
 
     # GpuMemoryBandwidthBound: DRAM saturated while the tensor cores wait (the memory wall).
     bandwidth_dram_min: float = 0.8
     bandwidth_tensor_max: float = 0.3
-    bandwidth_window: int = _duration("5m")
+    bandwidth_window: int = _duration("5m", range_=True)
     bandwidth_for: int = _duration("15m")
     # On GPUs with phase accounting, only fire when these phases hold most of the busy time.
     bandwidth_phases: str = "decode"
@@ -76,10 +86,10 @@ class RuleConfig:
 
     # XIDs that are usually the application's fault (illegal address, MMU fault, ...), not the GPU's.
     application_xids: tuple[str, ...] = ("13", "31", "43", "45", "68")
-    xid_window: int = _duration("5m")
+    xid_window: int = _duration("5m", range_=True)
 
     thermal_reasons: tuple[str, ...] = ("sw_thermal_slowdown", "hw_thermal_slowdown")
-    thermal_window: int = _duration("10m")
+    thermal_window: int = _duration("10m", range_=True)
     thermal_share_min: float = 0.25  # share of thermal_window spent throttled
     thermal_for: int = _duration("5m")
 
@@ -94,12 +104,14 @@ class RuleConfig:
     state_window: int = _duration("1m", scaled=False)
     rate_window: int = _duration("5m", scaled=False)
 
-    def scaled(self, factor: float) -> "RuleConfig":
-        """The same rules with every scaled window multiplied by factor (at least 1 s)."""
-        if factor <= 0:
-            raise ValueError("the scale factor must be positive")
+    def scaled(self, factor: float, scrape_interval: int = DEFAULT_SCRAPE_INTERVAL) -> "RuleConfig":
+        """The same rules with every scaled window multiplied by factor (at least 1 s; a range at
+        least RANGE_SCRAPES x scrape_interval, the scrape interval of the Prometheus that runs them)."""
+        if factor <= 0 or scrape_interval <= 0:
+            raise ValueError("the scale factor and the scrape interval must be positive")
         changes = {
-            f.name: max(1, round(getattr(self, f.name) * factor))
+            f.name: max(RANGE_SCRAPES * scrape_interval if f.metadata.get("range") else 1,
+                        round(getattr(self, f.name) * factor))
             for f in dataclasses.fields(self)
             if f.metadata.get("scaled")
         }
@@ -433,11 +445,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if OUTPUT is not what would be written")
     parser.add_argument("--for-scale", type=float, default=1.0, metavar="F",
                         help="multiply every alert window by F (e.g. 0.01 for end-to-end tests)")
+    parser.add_argument("--scrape-interval", type=window_seconds, default=DEFAULT_SCRAPE_INTERVAL, metavar="D",
+                        help=f"scrape interval of the Prometheus that loads the rules (default 15s): with "
+                             f"--for-scale, rate ranges keep at least {RANGE_SCRAPES} scrapes")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                         help="override one RuleConfig field (repeatable)")
     args = parser.parse_args(argv)
     try:
-        config = RuleConfig().scaled(args.for_scale).with_overrides(args.overrides)
+        config = RuleConfig().scaled(args.for_scale, args.scrape_interval).with_overrides(args.overrides)
     except ValueError as error:
         parser.error(str(error))
     text = render(config)

@@ -17,7 +17,7 @@ pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT INT TERM
 
-.venv/bin/python -m gpuphase.alerts.rules --for-scale "$SCALE" --set unused_for=2m -o "$work/rules.yaml"
+.venv/bin/python -m gpuphase.alerts.rules --for-scale "$SCALE" --scrape-interval 5s --set unused_for=2m -o "$work/rules.yaml"
 am_binary=$(command -v prometheus-alertmanager || command -v alertmanager || true)
 if [ -n "$am_binary" ]; then
   "$am_binary" --config.file=alerts/alertmanager.yml --storage.path="$work/am" \

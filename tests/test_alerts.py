@@ -74,14 +74,30 @@ def test_check_reports_a_stale_file(tmp_path, capsys):
 
 def test_for_scale_shortens_alert_windows_but_not_rate_windows(tmp_path):
     out = tmp_path / "fast.yaml"
-    assert rules.main(["--for-scale", "0.01", "-o", str(out)]) == 0
+    assert rules.main(["--for-scale", "0.01", "--scrape-interval", "1s", "-o", str(out)]) == 0
     groups = yaml.safe_load(out.read_text())["groups"]
     by_name = {r.get("alert") or r["record"]: r for g in groups for r in g["rules"]}
     assert by_name["GpuIdleAllocated"]["for"] == "18s"
-    assert "[3s]" in by_name["GpuIdleAllocated"]["expr"]
+    assert "[4s]" in by_name["GpuIdleAllocated"]["expr"]  # 3 s scaled, 4 scrapes of 1 s at least
     assert by_name["GpuUnused"]["for"] == "216s"
     assert by_name["GpuLost"]["for"] == "1s"  # 0.6 s rounds up to the 1 s floor
     assert "instance_gpu:gpu_phase_state:max_rate1m" in by_name
+
+
+@pytest.mark.parametrize("scrape_interval, expected", [(1, 4), (5, 20), (15, 60)])
+def test_scaled_ranges_keep_four_scrapes_of_the_scrape_interval(scrape_interval, expected):
+    """At 0.01 the 5 m ranges would be 3 s: empty under a 5 s scrape, so GpuMemoryBandwidthBound
+    could never fire in scripts/demo-stack.sh. Ranges keep 4 scrapes; `for:` windows still scale."""
+    config = RuleConfig().scaled(0.01, scrape_interval)
+    for name, scaled_alone in (("activity_window", 3), ("bandwidth_window", 3), ("xid_window", 3),
+                               ("thermal_window", 6)):
+        assert getattr(config, name) == max(expected, scaled_alone), name
+    assert config.bandwidth_for == 9 and config.idle_for == 18
+    rendered = rules.render(config)
+    bandwidth = next(r for g in yaml.safe_load(rendered)["groups"] for r in g["rules"]
+                     if r.get("alert") == "GpuMemoryBandwidthBound")
+    assert f"[{format_duration(expected)}]" in bandwidth["expr"]
+    assert RuleConfig().scaled(1.0, 15) == RuleConfig()  # unscaled rules are untouched
 
 
 def test_set_overrides_fields_by_type():

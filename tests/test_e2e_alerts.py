@@ -26,8 +26,8 @@ HEALTHY_GPUS = {"0", "1"}
 
 def scaled_rules(path: Path) -> Path:
     """The repo's rules with every `for:` and alert window divided by 100 (6 h unused -> 20 s here)."""
-    subprocess.run([sys.executable, "-m", "gpuphase.alerts.rules", "--for-scale", "0.01", "--set", "unused_for=20s",
-                    "-o", str(path)], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "gpuphase.alerts.rules", "--for-scale", "0.01", "--scrape-interval", "1s",
+                    "--set", "unused_for=20s", "-o", str(path)], check=True, cwd=ROOT)
     return path
 
 
