@@ -214,6 +214,8 @@ class Agent:
             self.accountant.place(gpus, placed)
 
     def view(self) -> View:
+        from gpuphase.exporters.collectors.process import read_self
+
         stats = self.intake.stats()
         rejected = dict(stats.rejected)
         for reason, count in self.accountant.rejected().items():
@@ -226,6 +228,7 @@ class Agent:
             spans=SpanStats(stats.received, rejected, stats.unmatched, self.accountant.clipped()),
             sampler=self.sampler.stats() if self.sampler else SamplerStats(),
             listeners={name: listener.stats() for name, listener in self._listeners.items()},
+            process=read_self() if self.config.collector_enabled("process") else None,
         )
 
 

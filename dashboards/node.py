@@ -174,6 +174,13 @@ def _agent() -> object:
                   "{{instance}} unmatched {{reason}}", sparse=True),
             unit="ops", min=0, width=16,
         ),
+        timeseries("Agent resident memory", Query(sel("process_resident_memory_bytes", HOST), "{{instance}}"),
+                   unit="bytes", min=0, width=12,
+                   description="The agent's own RSS (process_resident_memory_bytes)."),
+        timeseries("Agent CPU",
+                   Query(f"rate({sel('process_cpu_seconds_total', HOST)}{_RATE})", "{{instance}}"),
+                   unit="percentunit", min=0, width=12,
+                   description="The agent's own user + system CPU time per second: 100 % is one core."),
         table("Agent build", Query(sel("gpuphase_build_info", HOST), instant=True), unit="none", width=24),
     )
 

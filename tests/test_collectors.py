@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import time
 from dataclasses import replace
 
 import pytest
@@ -11,11 +13,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpuphase import __version__
 from gpuphase.exporters import collectors
-from gpuphase.exporters.collectors import COLLECTORS
+from gpuphase.exporters.collectors import COLLECTORS, process
 from gpuphase.exporters.collectors.families import Family
 from gpuphase.exporters.registry import AgentCollector, RateLimitedLog, StaticViewSource, render
 from gpuphase.model import metricdefs
 from gpuphase.model.metricdefs import MetricDef
+from gpuphase.model.view import SPAN_DECODERS, ProcessStats, SpanStats, View
 from tests import views
 from tests.views import A100, H100, LOST, NEVER_SEEN, NOW, rich_view
 
@@ -169,14 +172,138 @@ def test_spans_and_agent_stats(rich):
     assert value(rich, "gpu_sampler_overruns_total") == 1
 
 
-def test_before_the_first_snapshot_only_agent_health_and_label_free_span_series_render():
+def test_before_the_first_snapshot_only_agent_health_and_zero_span_counters_render():
     text = render(views.empty_view())
     assert {s.name for s in samples(text)} == {
         "gpuphase_build_info", "gpu_sampler_ticks_total", "gpu_sampler_overruns_total",
         "gpu_sampler_tick_duration_seconds", "gpu_scrape_collector_success", "gpu_scrape_collector_duration_seconds",
-        "gpu_spans_clipped_total",  # a counter without labels: 0 from the start, so rate() sees its first clip
+        # Counters whose series are known in advance: 0 from the start, so rate() sees the first span or clip.
+        "gpu_spans_clipped_total", "gpu_spans_received_total",
     }
     assert set(series(text, "gpu_scrape_collector_success").values()) == {1.0}
+
+
+def test_an_empty_span_stats_renders_every_decoder_at_zero():
+    text = render(View(snapshot=None, spans=SpanStats()))
+    assert series(text, "gpu_spans_received_total") == {
+        (("decoder", decoder),): 0.0 for decoder in ("vllm", "sglang", "tgi", "generic")
+    }
+    # Reasons are open-ended: none until one is counted.
+    assert series(text, "gpu_spans_rejected_total") == {} and series(text, "gpu_spans_unmatched_total") == {}
+
+
+def test_counted_decoders_keep_their_counts_and_the_others_stay_at_zero(rich):
+    assert series(rich, "gpu_spans_received_total") == {
+        (("decoder", "vllm"),): 1200.0, (("decoder", "tgi"),): 300.0,
+        (("decoder", "sglang"),): 0.0, (("decoder", "generic"),): 0.0,
+    }
+    # A label value outside the known decoders is still exported, not dropped.
+    text = render(View(snapshot=None, spans=SpanStats(received={"newdecoder": 5})))
+    assert value(text, "gpu_spans_received_total", decoder="newdecoder") == 5
+    assert len(series(text, "gpu_spans_received_total")) == 5
+
+
+def test_the_known_decoders_are_the_agents_decoders():
+    from gpuphase.agent.spans.decoders import DECODERS
+
+    assert sorted(name for name, _ in DECODERS) == sorted(SPAN_DECODERS)
+
+
+# --- the agent's own process (process_*) --------------------------------------------------------
+
+PROCESS_METRICS = ("process_virtual_memory_bytes", "process_resident_memory_bytes", "process_start_time_seconds",
+                   "process_cpu_seconds_total", "process_open_fds", "process_max_fds")
+
+
+def test_process_figures_map_one_to_one(rich):
+    assert value(rich, "process_resident_memory_bytes") == 96 * 1024**2
+    assert value(rich, "process_virtual_memory_bytes") == 1.5 * views.GIB
+    assert value(rich, "process_start_time_seconds") == NOW - 3600
+    assert value(rich, "process_cpu_seconds_total") == 42.5
+    assert value(rich, "process_open_fds") == 23
+    assert value(rich, "process_max_fds") == 1_048_576
+
+
+def test_a_view_without_process_figures_has_no_process_series_and_unknown_ones_are_left_out():
+    assert not {s.name for s in samples(render(replace(rich_view(), process=None)))} & set(PROCESS_METRICS)
+    text = render(View(snapshot=None, process=ProcessStats(resident_memory_bytes=1e6)))
+    assert [s.name for s in samples(text) if s.name.startswith("process_")] == ["process_resident_memory_bytes"]
+
+
+def test_the_process_collector_can_be_disabled(rich):
+    assert {s.name for s in samples(rich)} >= set(PROCESS_METRICS)
+    text = render(rich_view(), disabled=("process",))
+    assert not {s.name for s in samples(text)} & set(PROCESS_METRICS)
+    assert "process" not in {labels[0][1] for labels in series(text, "gpu_scrape_collector_success")}
+
+
+def assert_plausible(stats: ProcessStats) -> None:
+    assert stats.resident_memory_bytes > 0
+    assert stats.virtual_memory_bytes >= stats.resident_memory_bytes
+    assert time.time() - 86400 < stats.start_time_seconds <= time.time() + 1
+    assert stats.cpu_seconds >= 0
+    assert 0 < stats.open_fds <= stats.max_fds
+
+
+def test_this_process_read_live_is_plausible_and_rendered():
+    stats = process.read_self()
+    assert_plausible(stats)
+    text = render(View(snapshot=None, process=stats), timer=lambda: 0.0)
+    assert [s.name for s in samples(text) if s.name.startswith("process_")] == list(PROCESS_METRICS)
+    assert value(text, "process_resident_memory_bytes") == stats.resident_memory_bytes
+    assert value(text, "gpu_scrape_collector_success", collector="process") == 1
+    later = process.read_self()
+    assert later.cpu_seconds >= stats.cpu_seconds and later.start_time_seconds == stats.start_time_seconds
+
+
+def test_without_proc_psutil_supplies_the_same_figures(tmp_path):
+    from_proc = process.read_self()
+    from_psutil = process.read_self(proc=str(tmp_path / "no-proc"))
+    assert_plausible(from_psutil)
+    assert abs(from_psutil.start_time_seconds - from_proc.start_time_seconds) < 1.0
+    assert from_psutil.max_fds == from_proc.max_fds
+
+
+def fake_proc(root, limit: int) -> str:
+    """A /proc with the files ProcessCollector and read_self read: btime, self/stat, self/fd, self/limits."""
+    (root / "self" / "fd").mkdir(parents=True)
+    for fd in range(7):
+        (root / "self" / "fd" / str(fd)).write_text("")
+    (root / "stat").write_text("cpu  1 2 3 4\nbtime 1767225600\nprocesses 42\n")
+    fields = ["S"] + ["0"] * 49
+    fields[11], fields[12] = "1234", "567"  # utime, stime (ticks)
+    fields[19], fields[20], fields[21] = "987654", "2147483648", "25600"  # starttime (ticks), vsize, rss (pages)
+    (root / "self" / "stat").write_text("4242 (gpu (phase) agent) " + " ".join(fields) + "\n")
+    (root / "self" / "limits").write_text(
+        "Limit                     Soft Limit           Hard Limit           Units\n"
+        f"Max open files            {limit}                {limit}                files\n"
+    )
+    return str(root)
+
+
+def test_process_families_are_byte_for_byte_prometheus_clients(tmp_path):
+    """Same names, types, help and values as prometheus_client's ProcessCollector on the same /proc."""
+    import resource
+
+    from prometheus_client import CollectorRegistry, ProcessCollector
+    from prometheus_client.exposition import generate_latest
+
+    from gpuphase.exporters.exposition import ExpositionWriter
+
+    proc = fake_proc(tmp_path, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    reference = CollectorRegistry()
+    ProcessCollector(proc=proc, registry=reference)
+    ours = ExpositionWriter().write(list(process.collect(View(snapshot=None, process=process.read_self(proc)))))
+    assert ours.decode() == generate_latest(reference).decode()
+    assert b"process_start_time_seconds 1.7672" in ours and b"process_open_fds 7.0" in ours
+
+
+def test_readme_lists_every_collector():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    line = next(line for line in readme.splitlines() if line.startswith("| `--[no-]collector.NAME`"))
+    assert re.findall(r"`(\w+)`", line.split("|")[3]) == metricdefs.collectors()
 
 
 def test_a_raising_collector_reports_failure_and_the_rest_still_render(monkeypatch, caplog):
@@ -297,3 +424,13 @@ def test_rate_limited_log_holds_back_repeats_and_counts_them(caplog):
         limited.exception("device", "collector 'device' failed")
     assert len(caplog.records) == 3
     assert "2 similar failures not logged" in caplog.records[1].getMessage()
+
+
+def test_the_agents_view_carries_its_own_process_figures():
+    """`process_*` on a live agent: the app reads /proc/self into each View, unless the collector is off."""
+    from gpuphase.agent.app import Agent
+    from gpuphase.agent.config import Config
+
+    process = Agent(Config()).view().process
+    assert process is not None and process.resident_memory_bytes > 0
+    assert Agent(Config(disabled_collectors=("process",))).view().process is None

@@ -7,12 +7,13 @@ rich_view() is the scenario that must exercise every metric in gpuphase/model/me
   GPU 2  lost (up=False) after having answered once: only gpu_info, gpu_up 0 and the
          last-sample timestamp; its stale values must not be exported
   GPU 3  lost before it ever answered: no last-sample timestamp at all
+and the agent's own process figures (fixed ones: a live read varies from scrape to scrape).
 """
 
 from __future__ import annotations
 
 from gpuphase.model.snapshot import GpuIdentity, GpuSample, MigReading, ProcessSample, Snapshot
-from gpuphase.model.view import ListenerStats, PhaseSeries, SamplerStats, SpanStats, View
+from gpuphase.model.view import ListenerStats, PhaseSeries, ProcessStats, SamplerStats, SpanStats, View
 
 NOW = 1_700_000_000.0
 GIB = 1024.0**3
@@ -187,6 +188,8 @@ def rich_view() -> View:
         ),
         sampler=SamplerStats(ticks=3600, overruns=1, last_tick_duration_seconds=0.004),
         listeners={"web": ListenerStats(3, {"evicted": 2}), "otlp_http": ListenerStats(1, {"header_too_large": 1})},
+        process=ProcessStats(virtual_memory_bytes=1.5 * GIB, resident_memory_bytes=96 * 1024.0**2,
+                             start_time_seconds=NOW - 3600, cpu_seconds=42.5, open_fds=23, max_fds=1_048_576),
     )
 
 
