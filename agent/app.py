@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -14,7 +15,7 @@ from typing import Any
 from gpuphase import __version__
 from gpuphase.agent import sdnotify
 from gpuphase.agent.backends import Backend, BackendUnavailable, create_backend
-from gpuphase.agent.config import Config
+from gpuphase.agent.config import Config, unknown_env_warnings
 from gpuphase.agent.latest import LatestValueWorker
 from gpuphase.agent.phases import PhaseAccountant
 from gpuphase.agent.processes import ProcessResolver
@@ -49,6 +50,8 @@ class Agent:
                                  parse_slots=config.otlp_max_concurrent_parses)
         self._accounting = LatestValueWorker("phase-accounting", self._account)
         self.sampler: Sampler | None = None
+        self._known_gpus: tuple[tuple[int, str], ...] | None = None  # as last checked against phase.map
+        self._unknown_mapped = False  # whether phase.map named a GPU the host did not have then
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -196,8 +199,26 @@ class Agent:
         """Tick thread: refresh the GPU/process view of the mapper, have settled time finalised.
         Nothing here may wait on span work (see agent/latest.py)."""
         self.mapper.update_gpus(snapshot)
+        if self.config.phase_map:
+            self._check_phase_map(snapshot)
         self._accounting.post(snapshot.timestamp)
         sdnotify.watchdog()  # systemd's WatchdogSec: proof that the tick loop is alive
+
+    def _check_phase_map(self, snapshot) -> None:
+        """Warn, at the first snapshot and whenever the GPUs change (a GPU back with another UUID),
+        of each --phase.map GPU this host does not have: that service's spans would all be dropped."""
+        gpus = tuple((sample.identity.index, sample.identity.uuid) for sample in snapshot.gpus)
+        if gpus == self._known_gpus:
+            return
+        self._known_gpus = gpus
+        known = ", ".join(f"{index} ({uuid})" for index, uuid in gpus) or "none"
+        unknown = self.mapper.unknown_mapped_gpus()
+        for service, name in unknown:
+            log.warning("--phase.map %s: GPU %r is not on this host (its GPUs: %s); spans of %s are dropped "
+                        "and counted as unknown_gpu", service, name, known, service)
+        if not unknown and self._unknown_mapped:
+            log.info("--phase.map: every GPU named is on this host now (its GPUs: %s)", known)
+        self._unknown_mapped = bool(unknown)
 
     def _account(self, timestamp: float) -> None:
         """Accounting thread: the configured services per GPU, then finalise up to timestamp."""
@@ -254,6 +275,8 @@ def run_agent(config: Config) -> int:
     from gpuphase.agent.logs import setup_logging
 
     setup_logging(config.log_format, config.log_level)
+    for warning in unknown_env_warnings(os.environ):
+        log.warning("%s", warning)
     agent = Agent(config)
     handle_signals(agent)
     try:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Mapping
 import yaml
 
 from gpuphase.model.addresses import parse_listen_address, push_target
-from gpuphase.model.durations import MIN_PUSH_INTERVAL, MIN_SAMPLE_INTERVAL, parse_duration
+from gpuphase.model.durations import MIN_PUSH_INTERVAL, MIN_SAMPLE_INTERVAL, format_duration, parse_duration
 from gpuphase.model.files import (
     MAX_CONFIG_BYTES,
     MAX_SCALAR_CHARS,
@@ -95,6 +95,26 @@ def parse_size(value: Any) -> int:
         raise ValueError(f"expected a size such as 4MiB or 65536, got {_show(value)}")
     scale = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, None: 1}[match.group(2)]
     return int(match.group(1)) * scale  # at most 20 digits: each option's own bound is in _validate
+
+
+def format_size(size: int) -> str:
+    """4194304 -> '4MiB': the largest unit that divides exactly (a bare number otherwise), as
+    parse_size reads it back."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
+def format_seconds(seconds: float) -> str:
+    """1.0 -> '1s', 300.0 -> '5m', 0.25 -> '250ms': a duration as the README writes it, which
+    parse_duration reads back (a bare number of seconds when no unit fits exactly)."""
+    if float(seconds).is_integer():
+        return format_duration(int(seconds)) if seconds else "0s"
+    milliseconds = seconds * 1000
+    if abs(milliseconds - round(milliseconds)) < 1e-6:
+        return f"{round(milliseconds)}ms"
+    return repr(float(seconds))
 
 
 def parse_bool(value: Any) -> bool:
@@ -256,7 +276,9 @@ class Config:
         "OTLP/gRPC calls in progress at once; grpc refuses more with RESOURCE_EXHAUSTED (not counted).")
     phase_map: tuple[tuple[str, tuple[str, ...]], ...] = option(
         "phase.map", (), parse_phase_map,
-        "SERVICE=GPUS: tie a service's spans to GPUs (indices or UUIDs). Repeatable.", multiple=True)
+        "SERVICE=GPUS: tie a service's spans to GPUs (indices or UUIDs). Repeatable. A GPU the host does not "
+        "have is warned about at start and when the GPUs change; that service's spans are dropped meanwhile.",
+        multiple=True)
     phase_settle: float = option(
         "phase.settle", 60.0, parse_duration,
         "How long samples wait for late spans before their phase is final: longer than your longest request "
@@ -446,3 +468,119 @@ def _validate(config: Config, sources: Mapping[str, str]) -> None:
                 read_config_bytes(path, MAX_CONFIG_BYTES)
             except ConfigFileError as err:
                 fail(name, f"file {_show(path)}: {err.reason}")
+
+
+# --- what an operator reads: values in human form, the defaults file, warnings --------------------------
+
+# GPUPHASE_* variables that are not settings of their own but are ours: no warning for them.
+OTHER_ENV = {
+    "GPUPHASE_CONFIG": "the --config file",
+    "GPUPHASE_ARGS": "more flags, for the systemd unit (packaging/systemd)",
+    "GPUPHASE_USER": "packaging/install.sh",
+    "GPUPHASE_EXTRAS": "scripts/setup.sh",
+    "GPUPHASE_ALERT_SCALE": "scripts/demo-stack.sh",
+}
+_MAX_ENV_WARNINGS = 20  # the environment is the operator's, but a warning per variable stays bounded
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_]{1,100}")
+
+
+def format_value(option: Option, value: Any) -> str:
+    """A setting's value as the README and --help write it: 1s, 4MiB, off, vllm=0,1."""
+    if option.parse is parse_duration:
+        return format_seconds(value)
+    if option.parse is parse_size:
+        return format_size(value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if option.parse is parse_phase_map:
+        return " ".join(f"{service}={','.join(gpus)}" for service, gpus in value)
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
+
+
+def yaml_value(option: Option, value: Any) -> str:
+    """A setting's value as one line of YAML in the same human form, which the option's parser
+    reads back to the same value (a list for the repeatable ones)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"  # YAML 1.1 booleans, as the README writes them
+    if option.parse is parse_phase_map:
+        data: Any = [f"{service}={','.join(gpus)}" for service, gpus in value]
+    elif isinstance(value, tuple):
+        data = list(value)
+    elif option.parse in (parse_duration, parse_size):
+        data = format_value(option, value)
+    else:
+        data = value
+    text = yaml.safe_dump(data, default_flow_style=True, width=1 << 20)
+    return text.removesuffix("\n...\n").strip()
+
+
+def defaults_yaml() -> str:
+    """Every setting with its default and help, as a commented YAML file for --config that gives
+    the defaults back (`gpuphase config defaults`)."""
+    lines = [
+        "# gpuphase settings, each at its default (`gpuphase config defaults`).",
+        "# Use with `gpuphase run --config FILE` (or GPUPHASE_CONFIG=FILE); keep only what you change.",
+        "# Keys are the flag names, flat as here or nested (sample: {interval: 1s}). Precedence:",
+        "# defaults < this file < GPUPHASE_* environment variables < flags.",
+        "# Durations: 500ms, 1s, 1m30s, 5m, 1h; sizes: 65536, 512KiB, 4MiB; switches: on/off.",
+    ]
+    for option in OPTIONS:
+        lines.append("")
+        lines.extend("# " + line for line in _wrap(option.help, 98))
+        if option.flag == "collector.disable":
+            lines.extend("# " + line for line in _wrap("Collectors: " + ", ".join(collectors()) + ".", 98))
+        flag = f"--[no-]{option.flag}" if option.is_flag else f"--{option.flag}"
+        lines.append(f"# flag {flag}{' (repeatable)' if option.multiple else ''}, env {option.env}")
+        lines.append(f"{option.flag}: {yaml_value(option, option.default)}")
+    return "\n".join(lines) + "\n"
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False) or [""]
+
+
+def setting_sources(layers: Iterable[Mapping[str, Setting]]) -> dict[str, str]:
+    """flag -> where its value came from, the last layer winning (as in build_config)."""
+    sources: dict[str, str] = {}
+    for layer in layers:
+        for flag, setting in layer.items():
+            sources[flag] = setting.source
+    return sources
+
+
+def describe_changes(config: Config, sources: Mapping[str, str] | None = None) -> list[str]:
+    """One YAML line per setting that differs from its default, with where it came from as a comment:
+    `sample.interval: 2s  # environment variable GPUPHASE_SAMPLE_INTERVAL`."""
+    defaults = Config()
+    out = []
+    for option in OPTIONS:
+        value = getattr(config, option.field)
+        if value == getattr(defaults, option.field):
+            continue
+        shown = yaml_value(option, value)
+        if option.flag == "otlp.metrics-endpoint":  # a URL may carry user:password@
+            shown = re.sub(r"(//)[^/@\s]*@", r"\1***@", shown)
+        where = (sources or {}).get(option.flag)
+        out.append(f"{option.flag}: {shown}" + (f"  # {where}" if where else ""))
+    return out
+
+
+def unknown_env_warnings(environ: Mapping[str, str]) -> list[str]:
+    """One line per GPUPHASE_* variable (in any case) that is no setting: ignored, and so most
+    likely a typo. With the closest known name when there is one."""
+    known = sorted({option.env for option in OPTIONS} | set(OTHER_ENV))
+    unknown = sorted(name for name in environ
+                     if name.upper().startswith(ENV_PREFIX) and name not in known)
+    out = []
+    for name in unknown[:_MAX_ENV_WARNINGS]:
+        shown = name if _PLAIN_NAME.fullmatch(name) else _show(name)
+        hint = difflib.get_close_matches(name[:100].upper(), known, n=1, cutoff=0.75)
+        suggestion = f" (did you mean {hint[0]}?)" if hint else ""
+        out.append(f"environment variable {shown} is not a gpuphase setting and is ignored{suggestion}")
+    if len(unknown) > _MAX_ENV_WARNINGS:
+        out.append(f"... and {len(unknown) - _MAX_ENV_WARNINGS} more unknown GPUPHASE_* environment variables")
+    return out

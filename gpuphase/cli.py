@@ -14,10 +14,18 @@ from gpuphase.agent.config import (
     OPTIONS,
     Config,
     ConfigError,
+    Option,
     Setting,
     build_config,
+    defaults_yaml,
+    describe_changes,
+    format_value,
+    parse_duration,
+    parse_size,
     read_env_settings,
     read_yaml_settings,
+    setting_sources,
+    unknown_env_warnings,
 )
 from gpuphase.model.metricdefs import collectors
 
@@ -29,11 +37,11 @@ def _option_decorators() -> list[Callable]:
             continue  # expressed as --collector.NAME / --no-collector.NAME below
         if option.is_flag:
             decorators.append(click.option(f"--{option.flag}/--no-{option.flag}", option.field, default=None,
-                                           help=f"{option.help} [env {option.env}]"))
+                                           help=f"{option.help} [default: {_show(option)}; env {option.env}]"))
         else:
             decorators.append(click.option(f"--{option.flag}", option.field, default=None, multiple=option.multiple,
-                                           metavar=_metavar(option.default),
-                                           help=f"{option.help} [default: {_show(option.default)}; env {option.env}]"))
+                                           metavar=_metavar(option),
+                                           help=f"{option.help} [default: {_show(option)}; env {option.env}]"))
     for name in collectors():
         decorators.append(click.option(f"--collector.{name}/--no-collector.{name}", f"collector_{name}", default=None,
                                        help=f"Enable the {name} collector (default: enabled)."))
@@ -42,12 +50,21 @@ def _option_decorators() -> list[Callable]:
     return decorators
 
 
-def _metavar(default: Any) -> str:
-    return {bool: "BOOL", int: "N", float: "DURATION"}.get(type(default), "TEXT")
+def _metavar(option: Option) -> str:
+    if option.parse is parse_duration:
+        return "DURATION"
+    if option.parse is parse_size:
+        return "SIZE"
+    return {bool: "BOOL", int: "N"}.get(type(option.default), "TEXT")
 
 
-def _show(value: Any) -> str:
-    return repr(value) if value in ("", ()) else str(value)
+def _show(option: Option) -> str:
+    """The default as the README writes it: 1s, 4MiB, off; 'empty' and 'none' for nothing."""
+    if option.default == "":
+        return "empty"
+    if option.default == ():
+        return "none"
+    return format_value(option, option.default)
 
 
 def agent_options(func: Callable) -> Callable:
@@ -58,6 +75,12 @@ def agent_options(func: Callable) -> Callable:
 
 def config_from_cli(params: dict[str, Any], environ=os.environ) -> Config:
     """Merge defaults -> --config YAML -> GPUPHASE_* env -> flags into one validated Config."""
+    return build_config(config_layers(params, environ))
+
+
+def config_layers(params: dict[str, Any], environ=os.environ) -> list[dict[str, Setting]]:
+    """The settings of --config's file, the GPUPHASE_* environment and the flags, in that order
+    (for build_config). Reads the file; a ConfigError names what is wrong with it."""
     config_file = params.get("config_file")
     file_layer = read_yaml_settings(config_file) if config_file else {}
     env_layer = read_env_settings(environ)
@@ -73,7 +96,7 @@ def config_from_cli(params: dict[str, Any], environ=os.environ) -> Config:
         disabled |= {name for name, enabled in toggles.items() if enabled is False}
         disabled -= {name for name, enabled in toggles.items() if enabled is True}
         flag_layer["collector.disable"] = Setting(sorted(disabled), "flags --[no-]collector.*")
-    return build_config([file_layer, env_layer, flag_layer])
+    return [file_layer, env_layer, flag_layer]
 
 
 def _disabled_from(*layers: dict[str, Setting]) -> list[str]:
@@ -115,6 +138,52 @@ def run(**params: Any) -> None:
     from gpuphase.agent.app import run_agent
 
     sys.exit(run_agent(config))
+
+
+@main.group("config")
+def config_group() -> None:
+    """Check the settings, or print every setting with its default."""
+
+
+@config_group.command("check", short_help="Validate the settings as `run` would, starting nothing.")
+@agent_options
+def config_check(**params: Any) -> None:
+    """Validate --config's file, the GPUPHASE_* environment and the flags exactly as `gpuphase run`
+    would, web config files included, without starting anything or touching a GPU. Prints
+    `config OK` and the settings that differ from the defaults (exit 0), or the error (exit 2).
+    Unknown GPUPHASE_* variables are warned about on stderr, as `run` does at start."""
+    for warning in unknown_env_warnings(os.environ):
+        click.echo(f"gpuphase: warning: {warning}", err=True)
+    try:
+        layers = config_layers(params)
+        config = build_config(layers)
+        _check_web_configs(config)
+    except ConfigError as err:
+        _fail(str(err))
+    changes = describe_changes(config, setting_sources(layers))
+    click.echo("config OK" + ("; settings that differ from the defaults:" if changes else
+                              " (every setting at its default)"))
+    for line in changes:
+        click.echo(line)
+
+
+def _check_web_configs(config: Config) -> None:
+    """Load the web config files as the servers would at start (TLS files and all, no socket)."""
+    from gpuphase.exporters.webconfig import load_web_config
+
+    for flag, path in (("web.config.file", config.web_config_file),
+                       ("otlp.web-config.file", config.otlp_web_config_file)):
+        if path:
+            try:
+                load_web_config(path)
+            except (ValueError, OSError) as err:  # WebConfigError is a ValueError
+                raise ConfigError(f"{flag}: {err}") from None
+
+
+@config_group.command("defaults", short_help="Print every setting with its default, as YAML.")
+def config_defaults() -> None:
+    """Print every setting with its default and help as a commented YAML file for --config."""
+    click.echo(defaults_yaml(), nl=False)
 
 
 @main.command()

@@ -322,3 +322,89 @@ def test_the_real_command_exits_2_with_one_line(tmp_path, source):
                 "flag": "flag --otlp.max-request-size: otlp.max-request-size: must be between",
                 "fifo": f"{path}: cannot read config file: not a regular file (a FIFO)"}[source]
     assert lines[0].startswith(f"gpuphase: {expected}"), lines[0]
+
+
+# --- human forms, the defaults file, unknown variables ------------------------------------------------
+
+
+@pytest.mark.parametrize("size, text", [(4 * 1024 * 1024, "4MiB"), (1024, "1KiB"), (3 * 1024**3, "3GiB"),
+                                        (1536, "1536"), (65536, "64KiB"), (0, "0"), (1000, "1000")])
+def test_format_size_is_read_back_by_parse_size(size, text):
+    from gpuphase.agent.config import format_size
+
+    assert format_size(size) == text
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("seconds, text", [(1.0, "1s"), (5.0, "5s"), (15.0, "15s"), (60.0, "1m"), (300.0, "5m"),
+                                           (0.1, "100ms"), (0.25, "250ms"), (1.5, "1500ms"), (0.0, "0s"),
+                                           (3600.0, "1h"), (86400.0, "1d"), (90.0, "90s"), (0.0001, "0.0001")])
+def test_format_seconds_is_read_back_by_parse_duration(seconds, text):
+    from gpuphase.agent.config import format_seconds
+
+    assert format_seconds(seconds) == text
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+def test_every_default_in_human_form_parses_back_to_itself():
+    import yaml
+
+    from gpuphase.agent.config import OPTIONS, format_value, yaml_value
+
+    for option in OPTIONS:
+        assert option.parse(yaml.safe_load(yaml_value(option, option.default))) == option.default, option.flag
+        if not option.multiple:
+            assert option.parse(format_value(option, option.default) if option.default != "" else "") \
+                == option.default, option.flag
+
+
+def test_defaults_yaml_round_trip(tmp_path):
+    from gpuphase.agent.config import defaults_yaml
+
+    path = tmp_path / "defaults.yaml"
+    path.write_text(defaults_yaml())
+    assert config_from_cli({"config_file": str(path)}, environ={}) == Config()
+
+
+def test_non_default_settings_round_trip_through_their_listing(tmp_path):
+    """What `config check` lists is a config file giving the same settings back."""
+    from gpuphase.agent.config import describe_changes
+
+    config = config_from_cli({"backend": "sim", "sample_interval": "250ms", "sample_timeout": "90s",
+                              "phase_map": ("vllm=0,1", "tgi=GPU-a:b,2"), "otlp_max_request_bytes": "1536",
+                              "web_listen_address": ":9000", "sim_profile": "a100-sxm-80gb",
+                              "phase_trust_span_gpus": True, "collector_gpm": False, "collector_mig": False},
+                             environ={})
+    path = tmp_path / "listing.yaml"
+    path.write_text("\n".join(describe_changes(config)) + "\n")
+    assert config_from_cli({"config_file": str(path)}, environ={}) == config
+
+
+def test_unknown_environment_variables_are_warnings_with_the_name_meant():
+    from gpuphase.agent.config import OPTIONS, unknown_env_warnings
+
+    known = {option.env: "x" for option in OPTIONS}
+    assert unknown_env_warnings({**known, "GPUPHASE_ARGS": "", "GPUPHASE_CONFIG": "", "PATH": "/bin",
+                                 "NOT_GPUPHASE_X": "1"}) == []
+    warnings = unknown_env_warnings({"GPUPHASE_SAMPLE_INTERVL": "2s", "gpuphase_log_level": "debug",
+                                     "GPUPHASE_WHATEVER": "1", "GPUPHASE_PHASE_MAPS": "vllm=0"})
+    assert warnings == [
+        "environment variable GPUPHASE_PHASE_MAPS is not a gpuphase setting and is ignored "
+        "(did you mean GPUPHASE_PHASE_MAP?)",
+        "environment variable GPUPHASE_SAMPLE_INTERVL is not a gpuphase setting and is ignored "
+        "(did you mean GPUPHASE_SAMPLE_INTERVAL?)",
+        "environment variable GPUPHASE_WHATEVER is not a gpuphase setting and is ignored",
+        "environment variable gpuphase_log_level is not a gpuphase setting and is ignored "
+        "(did you mean GPUPHASE_LOG_LEVEL?)",
+    ]
+    # The variables that are set still count: a warning never changes the configuration.
+    assert config_from_cli({}, environ={"GPUPHASE_SAMPLE_INTERVL": "2s"}) == Config()
+
+
+def test_unknown_environment_variable_warnings_are_bounded():
+    from gpuphase.agent.config import unknown_env_warnings
+
+    warnings = unknown_env_warnings({f"GPUPHASE_JUNK_{i:03d}": "" for i in range(500)}
+                                    | {"GPUPHASE_\x1b[2J" + "X" * 10_000: ""})
+    assert len(warnings) == 21 and warnings[-1] == "... and 481 more unknown GPUPHASE_* environment variables"
+    assert all(len(line) < 300 and "\x1b" not in line for line in warnings)

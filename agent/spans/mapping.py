@@ -198,6 +198,18 @@ class SpanMapper:
         with self._lock:
             self._state = state
 
+    def unknown_mapped_gpus(self) -> list[tuple[str, str]]:
+        """(service, GPU name) of each phase.map GPU the newest snapshot does not have, in map order.
+        Every window of such a service is counted unknown_gpu (see _gpus_of), so this is worth a warning."""
+        with self._lock:
+            state = self._state
+        out: list[tuple[str, str]] = []
+        for service, names in self._phase_map.items():
+            for name in names:
+                if state.by_name.get(str(name).strip().lower()) is None and (service, name) not in out:
+                    out.append((service, name))
+        return out
+
     def service_map(self) -> dict[GpuKey, tuple[str, ...]]:
         """GPU -> services configured with phase.map (for PhaseAccountant.set_mapping)."""
         with self._lock:
