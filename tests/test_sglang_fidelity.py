@@ -22,14 +22,13 @@ per GPU: prefill only 0.30 + 0.20 = 0.50 s; mixed (r2's prefill inside r1's deco
 decode only 2.00 + 1.00 − 0.10 = 2.90 s; tokens prefill 3560, decode 200 on each GPU (a TP group
 computes every token of the request on both GPUs, as the vLLM TP windows count them).
 
-`python -m tests.test_sglang_fidelity` measures decoding throughput (not asserted here).
+Decoding throughput of this traffic is measured in benchmarks/intake.py (docs/performance.md), not asserted here.
 """
 
 from __future__ import annotations
 
 import random
 import threading
-import time
 
 import pytest
 
@@ -210,24 +209,3 @@ def test_end_to_end_pid_mapping_from_the_thread_span(tmp_path):
             assert got[phase].seconds == pytest.approx(truth, rel=0.02), (gpu, phase)
         assert got[PREFILL].tokens == TOKENS[PREFILL] and got[DECODE].tokens == TOKENS[DECODE]
     assert acc.rejected() == {} or not any(acc.rejected().values())
-
-
-def benchmark(requests: int = 400, seconds: float = 3.0) -> float:
-    """Spans/s decoding SGLang traffic (TP 2, level 3: thread spans, joins, merges) on one thread."""
-    reqs = [f.sglang_request(f"b{i:09d}", T0 + i * 0.01, (T0 + i * 0.01 + 0.01, T0 + i * 0.01 + 0.05),
-                             (T0 + i * 0.01 + 0.05, T0 + i * 0.01 + 1.05), 64, 500, 64, chunks=2)
-            for i in range(requests)]
-    bodies = [e.SerializeToString() for e in f.sglang_exports(reqs, order=random.Random(0))]
-    spans = sum(len(ss) for r in reqs for ss in r.values())
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        sglang.JOINER.clear()
-        for body in bodies:
-            decode_request(ExportTraceServiceRequest.FromString(body))
-        done += spans
-    return done / (time.perf_counter() - start)
-
-
-if __name__ == "__main__":
-    print(f"sglang decode (parse + decoders + join): {benchmark():,.0f} spans/s")
