@@ -31,9 +31,12 @@ GIL_SWITCH_INTERVAL = 0.001  # seconds; see Agent.start
 
 
 class Agent:
-    def __init__(self, config: Config, backend: Backend | None = None):
+    def __init__(self, config: Config, backend: Backend | None = None, process_labeller=None):
+        """process_labeller: (identity, readings) -> ProcessSamples in place of /proc and the
+        kubelet (the demo's simulated servers exist nowhere else)."""
         self.config = config
         self._backend = backend
+        self._custom_labeller = process_labeller
         self._stopped = threading.Event()
         self._servers: list[Any] = []
         self._listeners: dict[str, Any] = {}  # HTTP listeners by name, for their counters in the view
@@ -76,7 +79,9 @@ class Agent:
         config = self.config
         if self._backend is None:
             self._backend = create_backend(config)
-        resolve = self._process_labeller() if config.collector_enabled("processes") else None
+        resolve = None
+        if config.collector_enabled("processes"):
+            resolve = self._custom_labeller or self._process_labeller()
         sampler = Sampler(
             self._backend,
             interval=config.sample_interval,

@@ -10,6 +10,8 @@
 # file into $ETC_DIR/default/gpuphase (an existing one is never overwritten), then
 # `systemctl daemon-reload`. It neither enables nor starts the service: that is your call.
 # Uninstalling removes the unit and $PREFIX; --purge also removes the settings file and the user.
+# The installed unit names this install's paths: ExecStart under $PREFIX, EnvironmentFile
+# $ETC_DIR/default/gpuphase, User/Group $GPUPHASE_USER.
 #
 # Everything is relocatable, which is how tests install into a temporary directory:
 #   PREFIX=/opt/gpuphase  SYSTEMD_DIR=/etc/systemd/system  ETC_DIR=/etc  GPUPHASE_USER=gpuphase
@@ -33,7 +35,7 @@ RUN_SYSTEMCTL=1
 CREATE_USER=1
 PURGE=0
 
-usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 say() { printf 'install.sh: %s\n' "$*"; }
 die() { printf 'install.sh: error: %s\n' "$*" >&2; exit 1; }
 
@@ -51,6 +53,15 @@ while [ $# -gt 0 ]; do
 done
 
 [ "$(id -u)" -eq 0 ] || die "run as root (it creates a system user and installs a systemd unit)"
+
+# systemd takes absolute paths only (ExecStart=, EnvironmentFile=); a relative one would give a
+# unit that fails to load.
+for var in PREFIX SYSTEMD_DIR ETC_DIR; do
+  case "${!var}" in
+    /*) ;;
+    *) die "$var must be an absolute path, not '${!var}'" ;;
+  esac
+done
 
 UNIT=$SYSTEMD_DIR/gpuphase.service
 DEFAULTS=$ETC_DIR/default/gpuphase
@@ -84,12 +95,17 @@ install_venv() {
   say "installed gpuphase into $PREFIX/venv"
 }
 
+# A value as literal text in the replacement of a sed s#...#...# command.
+sed_literal() { printf '%s' "$1" | sed -e 's/[#&\\]/\\&/g'; }
+
 install_unit() {
-  # The unit in the repository names the default prefix and user; rewrite both for this install.
+  # The unit in the repository names the default prefix, settings file and user; rewrite them for
+  # this install (the settings file also in the comments that name it).
   install -d -m 0755 "$SYSTEMD_DIR"
-  sed -e "s#/opt/gpuphase/#$PREFIX/#g" \
-      -e "s#^User=gpuphase\$#User=$GPUPHASE_USER#" \
-      -e "s#^Group=gpuphase\$#Group=$GPUPHASE_USER#" \
+  sed -e "s#/opt/gpuphase/#$(sed_literal "$PREFIX")/#g" \
+      -e "s#/etc/default/gpuphase#$(sed_literal "$DEFAULTS")#g" \
+      -e "s#^User=gpuphase\$#User=$(sed_literal "$GPUPHASE_USER")#" \
+      -e "s#^Group=gpuphase\$#Group=$(sed_literal "$GPUPHASE_USER")#" \
       "$HERE/systemd/gpuphase.service" > "$UNIT.tmp"
   chmod 0644 "$UNIT.tmp"
   mv "$UNIT.tmp" "$UNIT"

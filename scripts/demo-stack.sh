@@ -3,13 +3,37 @@
 # (windows scaled down so the idle and under-memoried alerts fire within minutes) and an
 # Alertmanager with the example routing. Prometheus and Alertmanager are used when installed
 # (Debian: apt-get install prometheus prometheus-alertmanager); without them only the demo runs.
-# Ports: agent 9842, Prometheus 9090, Alertmanager 9093 (override with the variables below).
+# Extra arguments go to `gpuphase demo`.
+#
+# Everything listens on 127.0.0.1. Ports (environment variables):
+#   AGENT_PORT      the agent's /metrics, /-/healthy, /-/ready   default 9842
+#   OTLP_GRPC_PORT  the agent's OTLP/gRPC span receiver          default 4317 (the demo's spans go here)
+#   OTLP_HTTP_PORT  the agent's OTLP/HTTP span receiver          default 4318
+#   PROM_PORT       Prometheus                                   default 9090
+#   AM_PORT         Alertmanager                                 default 9093
+# e.g. next to a running agent: AGENT_PORT=9843 OTLP_GRPC_PORT=4319 OTLP_HTTP_PORT=4320 scripts/demo-stack.sh
+# GPUPHASE_ALERT_SCALE (default 0.01) scales the alert rules' windows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AGENT_PORT=${AGENT_PORT:-9842}
+OTLP_GRPC_PORT=${OTLP_GRPC_PORT:-4317}
+OTLP_HTTP_PORT=${OTLP_HTTP_PORT:-4318}
 PROM_PORT=${PROM_PORT:-9090}
 AM_PORT=${AM_PORT:-9093}
 SCALE=${GPUPHASE_ALERT_SCALE:-0.01}
+
+# A port some other process holds would otherwise fail in the background (Prometheus,
+# Alertmanager) or after the set-up (the agent): say which one, and the variable that moves it.
+in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+busy=()
+for var in AGENT_PORT OTLP_GRPC_PORT OTLP_HTTP_PORT PROM_PORT AM_PORT; do
+  if in_use "${!var}"; then busy+=("$var=${!var}"); fi
+done
+if [ ${#busy[@]} -gt 0 ]; then
+  echo "demo-stack.sh: already in use on 127.0.0.1: ${busy[*]} (another agent or demo stack?);" \
+       "set those variables to free ports" >&2
+  exit 1
+fi
 
 scripts/setup.sh
 work=$(mktemp -d -t gpuphase-stack-XXXX)
@@ -44,6 +68,7 @@ cat <<TEXT
   gpuphase demo stack
   -------------------
   agent metrics   http://127.0.0.1:$AGENT_PORT/metrics
+  agent OTLP      gRPC 127.0.0.1:$OTLP_GRPC_PORT, HTTP http://127.0.0.1:$OTLP_HTTP_PORT/v1/traces
 TEXT
 if command -v prometheus >/dev/null; then
   echo "  Prometheus      http://127.0.0.1:$PROM_PORT/alerts   (rules: alert windows x$SCALE)"
@@ -62,4 +87,5 @@ cat <<TEXT
   GpuMemoryBandwidthBound on GPU 2, GpuUnused on GPU 4; GPUs 0-1 stay quiet.
 
 TEXT
-.venv/bin/gpuphase demo --demo.scenario mixed-fleet --web.listen-address 127.0.0.1:$AGENT_PORT "$@"
+.venv/bin/gpuphase demo --demo.scenario mixed-fleet --web.listen-address "127.0.0.1:$AGENT_PORT" \
+  --otlp.grpc-listen-address "127.0.0.1:$OTLP_GRPC_PORT" --otlp.http-listen-address "127.0.0.1:$OTLP_HTTP_PORT" "$@"

@@ -181,13 +181,17 @@ def test_install_script_into_a_temporary_prefix(tmp_path, source_copy):
             assert _run("id", "-u", user).returncode == 0
 
         unit = tmp_path / "systemd" / "gpuphase.service"
+        defaults = tmp_path / "etc" / "default" / "gpuphase"
         d = _unit_directives(unit.read_text())
         assert d["Service.ExecStart"] == [f"{gpuphase} run $GPUPHASE_ARGS"]
         assert d["Service.User"] == [user] and d["Service.Group"] == [user]
+        # The settings file the unit reads is the one install.sh wrote (ETC_DIR), not /etc's.
+        assert d["Service.EnvironmentFile"] == [f"-{defaults}"]
+        rest = unit.read_text().replace(str(defaults), "").replace(str(tmp_path / "opt"), "")
+        assert "/etc/default/gpuphase" not in rest and "/opt/gpuphase" not in rest  # comments included
         result = _verify(unit)  # the installed unit, with its real executable
         assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
-        defaults = tmp_path / "etc" / "default" / "gpuphase"
         assert defaults.read_text() == (PACKAGING / "systemd" / "gpuphase.default").read_text()
         defaults.write_text("GPUPHASE_LOG_LEVEL=debug\n")
         again = _run("bash", INSTALL_SH, "--source", source_copy, "--no-systemctl", *user_flags, env=env).stdout
@@ -289,6 +293,20 @@ def test_the_installed_wheel_runs_without_the_repository(built_wheel, tmp_path):
 def test_install_script_refuses_unknown_arguments():
     result = _run("bash", INSTALL_SH, "--frobnicate", check=False)
     assert result.returncode != 0 and "unknown argument --frobnicate" in result.stderr
+
+
+@pytest.mark.parametrize("variable", ["PREFIX", "SYSTEMD_DIR", "ETC_DIR"])
+def test_install_script_refuses_relative_paths(tmp_path, variable):
+    """systemd takes absolute paths only: a relative ETC_DIR would install a unit whose
+    EnvironmentFile= systemd ignores. Refused before anything is written."""
+    if os.geteuid() != 0:
+        message = "install.sh must run as root (it checks that first)"
+        pytest.fail(message) if IN_CI else pytest.skip(message)
+    env = {**os.environ, "PREFIX": str(tmp_path / "opt"), "SYSTEMD_DIR": str(tmp_path / "systemd"),
+           "ETC_DIR": str(tmp_path / "etc"), variable: "relative/dir"}
+    result = _run("bash", INSTALL_SH, "--no-systemctl", "--no-user", env=env, cwd=tmp_path, check=False)
+    assert result.returncode != 0 and f"{variable} must be an absolute path" in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- Kubernetes -----------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from gpuphase.agent.spans.receiver import (
     SpanIntake,
     parse_protobuf,
 )
+from gpuphase.web.server import bind_listener
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,12 @@ def start_grpc_server(intake: SpanIntake, address: str, credentials: grpc.Server
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
         METHOD: grpc.unary_unary_rpc_method_handler(handler.export),  # raw bytes in and out
     }),))
+    # grpc's bind error gives no reason (and its C core logs a line of its own): bind a plain
+    # socket first, as the HTTP listeners do, so that the error says why (Address already in use).
+    try:
+        bind_listener("OTLP/gRPC", address, 1).close()
+    except ValueError:
+        pass  # an address form only grpc understands: let grpc answer
     try:  # grpcio returns 0 on older versions and raises RuntimeError on newer ones
         port = (server.add_secure_port(address, credentials) if credentials is not None
                 else server.add_insecure_port(address))

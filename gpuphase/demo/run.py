@@ -13,18 +13,54 @@ import json
 import logging
 import os
 import random
+import sys
 import threading
 import time
 from dataclasses import replace
 
+from gpuphase.agent.app import Agent
 from gpuphase.agent.backends.sim import SimBackend
 from gpuphase.agent.config import Config
+from gpuphase.agent.processes import ProcessIdentity
 from gpuphase.demo.scenarios import DEMO_SETTLE, SCENARIOS, Scenario
 from gpuphase.demo.truth import phase_durations
 from gpuphase.demo.workload import PlannedRequest, ServiceLoad, ServiceTimeline
-from gpuphase.model.snapshot import ProcessReading
+from gpuphase.model.snapshot import ProcessReading, ProcessSample
 
 log = logging.getLogger(__name__)
+
+# Linux never hands out a PID at or above PID_MAX_LIMIT (2**22 on 64-bit; kernel/pid_max cannot be
+# set higher), so the simulated servers' PIDs (above it) can be no real process's: neither the
+# demo's own nor any other that /proc could name. The span decoders ignore such a PID as no PID at
+# all, so the demo's spans reach their GPUs through the scenario's phase.map (demo_config), never
+# through the pid path, which could only look real processes up.
+FAKE_PID_BASE = 1 << 22
+
+
+def demo_processes(scenario: Scenario) -> dict[str, tuple[int, ProcessIdentity]]:
+    """Per service: the PID and the labels of its simulated GPU process (one process holding all
+    of the service's GPUs), as the agent would read them from /proc and the kubelet."""
+    return {load.service: (FAKE_PID_BASE + 1 + n,
+                           ProcessIdentity(process_name=load.comm, container=load.container, pod=load.pod,
+                                           namespace=load.namespace))
+            for n, load in enumerate(scenario.loads)}
+
+
+def demo_process_labeller(processes: dict[int, ProcessIdentity], cap: int):
+    """The demo's process table in place of /proc and the kubelet: the simulated servers'
+    processes exist nowhere else, so /proc would name none of them."""
+
+    def label(identity, readings):  # as ProcessResolver.resolve: largest memory first, capped
+        kept = sorted(readings, key=lambda r: (r.memory_used_bytes is None, -(r.memory_used_bytes or 0), r.pid))
+        return tuple(_sample(reading, processes.get(reading.pid, ProcessIdentity())) for reading in kept[:cap])
+
+    return label
+
+
+def _sample(reading: ProcessReading, who: ProcessIdentity) -> ProcessSample:
+    return ProcessSample(pid=reading.pid, process_name=who.process_name, container=who.container, pod=who.pod,
+                         namespace=who.namespace, memory_used_bytes=reading.memory_used_bytes,
+                         sm_active_ratio=reading.sm_active_ratio)
 
 
 class Workload:
@@ -43,14 +79,15 @@ class Workload:
         self._seq = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="demo-workload", daemon=True)
-        pid = os.getpid()
+        self.processes = demo_processes(scenario)
         for timeline in self.timelines:
             load = timeline.load
+            pid = self.processes[load.service][0]
             for gpu in load.gpus:
                 backend.set_source(gpu, timeline.activity)
                 total = backend.gpus[gpu].profile.memory_total_bytes
                 fraction = (scenario.memory_fraction or {}).get(gpu, load.memory_fraction)
-                # The demo process stands in for the model server's GPU worker on every GPU it "serves".
+                # The service's simulated GPU process holds its share of VRAM on every GPU it serves.
                 backend.set_processes(gpu, (ProcessReading(pid=pid, memory_used_bytes=fraction * total - 512 * 2**20),))
 
     def start(self) -> None:
@@ -96,15 +133,17 @@ class Workload:
 class OtlpSpanEmitter:
     """Sends each finished request as a vLLM V1 `llm_request` span through the OpenTelemetry SDK."""
 
-    def __init__(self, grpc_address: str, http_address: str):
+    def __init__(self, grpc_address: str, http_address: str, pids: dict[str, int] | None = None):
+        """pids: the `vllm.process_id` each service's spans carry (default: this process's)."""
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         self._providers = {}
         self._tracers = {}
+        pids = pids or {}
         self._make_provider = lambda service: TracerProvider(
-            resource=Resource.create({"service.name": service, "vllm.process_id": os.getpid()}))
+            resource=Resource.create({"service.name": service, "vllm.process_id": pids.get(service, os.getpid())}))
         self._processor = lambda: BatchSpanProcessor(self._exporter(grpc_address, http_address))
 
     @staticmethod
@@ -168,7 +207,7 @@ def demo_config(config: Config, scenario: Scenario) -> Config:
 
 
 def run_demo(config: Config, demo_scenario: str, demo_duration: float | None, demo_truth_file: str | None) -> int:
-    from gpuphase.agent.app import Agent, handle_signals
+    from gpuphase.agent.app import handle_signals
     from gpuphase.agent.logs import setup_logging
 
     setup_logging(config.log_format, config.log_level)
@@ -178,10 +217,24 @@ def run_demo(config: Config, demo_scenario: str, demo_duration: float | None, de
         log.error("the demo sends spans to the agent's own OTLP receiver: enable one of them")
         return 2
     backend = SimBackend(scenario.gpus, config.sim_profile, config.sim_seed)
-    agent = Agent(config, backend=backend)
+    processes = demo_processes(scenario)
+    table = {pid: who for pid, who in processes.values()}
+    agent = Agent(config, backend=backend, process_labeller=demo_process_labeller(table, config.process_max_series))
     handle_signals(agent)
-    agent.start()
-    emitter = OtlpSpanEmitter(agent.otlp_grpc_address, agent.otlp_http_address)
+    try:
+        agent.start()
+    except (OSError, ValueError) as err:  # as `gpuphase run`: address in use, bad web config, ...
+        print(f"gpuphase: cannot start: {err}", file=sys.stderr)
+        if "cannot listen" in str(err):
+            print("gpuphase: another agent or demo may be running; pick free ports with --web.listen-address, "
+                  "--otlp.grpc-listen-address and --otlp.http-listen-address (with "
+                  "scripts/run-agent.sh or scripts/demo-stack.sh: AGENT_PORT, OTLP_GRPC_PORT, OTLP_HTTP_PORT)",
+                  file=sys.stderr)
+        agent.stop()
+        return 1
+    # Each service's spans carry its simulated server's PID (vllm.process_id), as vLLM's do.
+    emitter = OtlpSpanEmitter(agent.otlp_grpc_address, agent.otlp_http_address,
+                              {service: pid for service, (pid, _) in processes.items()})
     workload = Workload(scenario, backend, emitter, seed=config.sim_seed, keep_history=demo_truth_file is not None)
     workload.start()
     print(f"gpuphase demo: scenario {demo_scenario!r}: {scenario.description}", flush=True)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, replace
 
 from gpuphase.agent.backends.sim import PHASE_ACTIVITY, Activity
 from gpuphase.demo.workload import ServiceLoad
@@ -29,18 +30,32 @@ def _llama70b(gpus: tuple[int, ...], rate: float) -> ServiceLoad:
     return ServiceLoad("llama-70b", gpus, arrival_rate=rate)
 
 
+# The characters Kubernetes draws generated name parts from (k8s.io/apimachinery rand.SafeEncodeString).
+_KUBE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+
+
+def on_kubernetes(load: ServiceLoad, namespace: str = "inference", container: str = "vllm") -> ServiceLoad:
+    """The load as the one pod of a Deployment named after its service: a pod name shaped as a
+    ReplicaSet generates it (<deployment>-<pod-template-hash>-<5 characters>), the same on every run."""
+    digest = hashlib.sha256(f"{namespace}/{load.service}".encode()).digest()
+    chars = [_KUBE_ALPHABET[b % len(_KUBE_ALPHABET)] for b in digest[:15]]
+    pod = f"{load.service}-{''.join(chars[:10])}-{''.join(chars[10:])}"
+    return replace(load, pod=pod, namespace=namespace, container=container)
+
+
 SCENARIOS: dict[str, Scenario] = {
     "mixed-fleet": Scenario(
-        "5 GPUs: llama-70b on GPUs 0-1 (TP2, healthy), chat-8b decode-heavy memory-bound on GPU 2, "
-        "GPU 3 allocated but idle with VRAM nearly full, GPU 4 unused",
+        "a Kubernetes node with 5 GPUs: llama-70b on GPUs 0-1 (TP2, healthy), chat-8b decode-heavy "
+        "memory-bound on GPU 2, GPU 3 allocated but idle with VRAM nearly full, GPU 4 unused; "
+        "one vLLM pod each in namespace inference",
         gpus=5,
-        loads=(
+        loads=tuple(on_kubernetes(load) for load in (
             _llama70b((0, 1), 3.0),
             ServiceLoad("chat-8b", (2,), arrival_rate=4.0, prompt_tokens=(200, 80), output_tokens=(900, 300),
                         prefill_tokens_per_second=40000.0, decode_step_seconds=0.012, max_batch=64,
                         activity=MEMORY_BOUND),
             ServiceLoad("reserved", (3,)),
-        ),
+        )),
         memory_fraction={3: 0.97},
     ),
     "steady": Scenario("2 GPUs: llama-70b on TP2 under steady traffic", gpus=2, loads=(_llama70b((0, 1), 3.0),)),

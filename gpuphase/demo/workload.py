@@ -37,6 +37,17 @@ class ServiceLoad:
     # Scripted requests instead of Poisson arrivals: (offset in cycle, prefill s, decode s), cycle length.
     script: tuple[tuple[float, float, float], ...] = ()
     script_cycle: float = 0.0
+    # Who the simulated server's GPU process is (gpu_process_* labels): its name (what
+    # /proc/<pid>/comm would hold; default "vllm-<service>", cut to comm's 15 bytes) and, when the
+    # scenario models a Kubernetes node, the pod, namespace and container that hold its GPUs.
+    process_name: str = ""
+    pod: str = ""
+    namespace: str = ""
+    container: str = ""
+
+    @property
+    def comm(self) -> str:
+        return (self.process_name or f"vllm-{self.service}")[:15]
 
 
 @dataclass(frozen=True)
