@@ -220,5 +220,55 @@ def demo(**params: Any) -> None:
     sys.exit(run_demo(config, **demo_settings))
 
 
+def _parse_interval(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    if seconds < 0.1:
+        raise click.BadParameter(f"at least 100ms, got {value!r}")
+    return seconds
+
+
+@main.command()
+@click.option("--url", default="http://127.0.0.1:9842/metrics", show_default=True,
+              help="The agent's metrics endpoint; may carry basic auth as https://user:password@host:port/metrics.")
+@click.option("--user", default=None, help="Basic auth user (the agent's --web.config.file basic_auth_users).")
+@click.option("--password-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding the basic auth password (trailing newline ignored).")
+@click.option("--ca-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="CA certificate(s) to verify an https:// agent with.")
+@click.option("--insecure", is_flag=True, help="Do not verify the https:// agent's certificate.")
+@click.option("--interval", default="1s", show_default=True, callback=_parse_interval, metavar="DURATION",
+              help="Refresh period (a duration: 1s, 500ms); match the agent's --sample.interval.")
+@click.option("--timeout", "scrape_timeout", default="5s", show_default=True, callback=_parse_interval,
+              metavar="DURATION",
+              help="Give up on one scrape after this long.")
+@click.option("--sort", default="gpu", show_default=True,
+              type=click.Choice(["gpu", "power", "memory", "activity", "energy/token"]),  # = top.view.SORT_ORDER
+              help="First sort order of the GPU rows (`s` cycles it).")
+@click.option("--processes", "max_processes", default=10, show_default=True, type=click.IntRange(0),
+              help="Rows of the process table.")
+@click.option("--once", "run_once", is_flag=True,
+              help="Print one frame (two readings --interval apart, for the phase shares) and exit; 1 when the "
+                   "agent cannot be scraped.")
+@click.option("--plain", is_flag=True, help="ASCII frames without colour even on a terminal.")
+def top(url: str, user: str | None, password_file: str | None, ca_file: str | None, insecure: bool, interval: float,
+        scrape_timeout: float, sort: str, max_processes: int, run_once: bool, plain: bool) -> None:
+    """Live view of one node from an agent's /metrics: per GPU its phase now and over the last
+    minute, SM/tensor/DRAM activity, VRAM, power, energy per token; services; top processes.
+    Keys: q quits, s cycles the sort order. Plain text frames when stdout is not a terminal."""
+    from gpuphase.top.app import run_top
+    from gpuphase.top.fetch import make_target
+
+    try:
+        target = make_target(url, user=user, password_file=password_file, ca_file=ca_file, insecure=insecure,
+                             timeout=scrape_timeout)
+    except ValueError as err:
+        _fail(str(err))
+    sys.exit(run_top(target, interval=interval, run_once=run_once, sort=sort, plain=plain,
+                     max_processes=max_processes))
+
+
 if __name__ == "__main__":
     main()

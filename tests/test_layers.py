@@ -21,7 +21,7 @@ from tests.layout import ROOT, module_files
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("gpuphase.__main__",),
     ("gpuphase.cli",),
-    ("gpuphase.demo",),
+    ("gpuphase.demo", "gpuphase.top"),
     ("gpuphase.agent.app",),
     ("gpuphase.agent.config",),
     ("gpuphase.agent.sampler", "gpuphase.agent.spans", "gpuphase.agent.phases", "gpuphase.exporters",
@@ -32,7 +32,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("gpuphase.model", "=gpuphase", "=gpuphase.agent"),
 )
 # Third-party imports that belong to one place only.
-ONLY_IN = {"pynvml": "gpuphase.agent.backends.nvml"}
+ONLY_IN = {"pynvml": "gpuphase.agent.backends.nvml", "rich": "gpuphase.top"}
 OLD_TOP_LEVEL = ("agent", "exporters", "alerts", "dashboards")
 
 
