@@ -26,7 +26,7 @@ from gpuphase.model.phase import DECODE, PREFILL
 from gpuphase.model.snapshot import GpuIdentity, GpuSample, ProcessSample, Snapshot
 from tests import spanfactory as f
 from tests.phase_helpers import decode, prefill
-from tests.test_mapping import fake_proc
+from tests.test_mapping import fake_proc, gpus_of
 
 SETTLE, RETENTION = 15.0, 300.0
 GPUS = [GpuIdentity(index=i, uuid=f"GPU-{i}{i}{i}{i}-trust", name="NVIDIA H100 80GB HBM3") for i in range(8)]
@@ -64,15 +64,6 @@ def mapper(proc_root: str, phase_map=(), **kw) -> SpanMapper:
     m = SpanMapper(phase_map, proc_root=proc_root, **kw)
     m.update_gpus(snapshot(HOLDERS))
     return m
-
-
-def placed(m: SpanMapper, window) -> tuple | str:
-    mapped, unmatched = m.map([window])
-    if unmatched:
-        (reason,) = unmatched
-        return reason
-    (gpus,) = mapped
-    return gpus
 
 
 def accountant(**kw) -> PhaseAccountant:
@@ -131,11 +122,11 @@ def test_service_a_cannot_add_time_to_a_gpu_mapped_only_to_service_b(proc_root, 
 
 def test_b_itself_is_placed_on_its_gpu_and_may_narrow_but_not_leave_its_mapping(proc_root):
     m = mapper(proc_root, [("B", ("2", "3"))])
-    assert placed(m, decode(0, 1, service="B")) == (KEYS[2], KEYS[3])
-    assert placed(m, decode(0, 1, service="B", gpu_ids=("3",))) == (KEYS[3],)
-    assert placed(m, decode(0, 1, service="B", gpu_ids=("3", "4"))) == GPU_NOT_PERMITTED
+    assert gpus_of(m, decode(0, 1, service="B")) == (KEYS[2], KEYS[3])
+    assert gpus_of(m, decode(0, 1, service="B", gpu_ids=("3",))) == (KEYS[3],)
+    assert gpus_of(m, decode(0, 1, service="B", gpu_ids=("3", "4"))) == GPU_NOT_PERMITTED
     # The mapping is the operator's word: B's pid on GPU 0 does not widen it.
-    assert placed(m, decode(0, 1, service="B", pid=100, gpu_ids=("0",))) == GPU_NOT_PERMITTED
+    assert gpus_of(m, decode(0, 1, service="B", pid=100, gpu_ids=("0",))) == GPU_NOT_PERMITTED
 
 
 def test_claims_without_any_entitlement_are_refused_by_default_and_make_no_series(proc_root):
@@ -153,29 +144,29 @@ def test_claims_without_any_entitlement_are_refused_by_default_and_make_no_serie
 
 def test_trusted_claims_place_like_before_except_on_mapped_gpus(proc_root):
     m = mapper(proc_root, [("B", ("3",))], trust_span_gpus=True)
-    assert placed(m, decode(0, 1, service="custom", gpu_ids=("6", "7"))) == (KEYS[6], KEYS[7])
-    assert placed(m, decode(0, 1, service="custom", gpu_ids=("3", "7"))) == GPU_NOT_PERMITTED
-    assert placed(m, decode(0, 1, service="custom", gpu_ids=("GPU-nope",))) == "unknown_gpu"
+    assert gpus_of(m, decode(0, 1, service="custom", gpu_ids=("6", "7"))) == (KEYS[6], KEYS[7])
+    assert gpus_of(m, decode(0, 1, service="custom", gpu_ids=("3", "7"))) == GPU_NOT_PERMITTED
+    assert gpus_of(m, decode(0, 1, service="custom", gpu_ids=("GPU-nope",))) == "unknown_gpu"
     # A pid that resolves still bounds the claim, trusted or not.
-    assert placed(m, decode(0, 1, service="A", pid=100, gpu_ids=("7",))) == GPU_NOT_PERMITTED
+    assert gpus_of(m, decode(0, 1, service="A", pid=100, gpu_ids=("7",))) == GPU_NOT_PERMITTED
 
 
 def test_pid_entitles_its_gpus_and_a_claim_may_narrow_within_them(proc_root):
     m = mapper(proc_root)
-    assert placed(m, decode(0, 1, service="A", pid=100)) == (KEYS[0],)
-    assert placed(m, decode(0, 1, service="A", pid=100, gpu_ids=("0",))) == (KEYS[0],)
-    assert placed(m, decode(0, 1, service="A", pid=100, gpu_ids=("1",))) == GPU_NOT_PERMITTED
-    assert placed(m, decode(0, 1, service="A", pid=100, gpu_ids=("3",))) == GPU_NOT_PERMITTED  # B's process
+    assert gpus_of(m, decode(0, 1, service="A", pid=100)) == (KEYS[0],)
+    assert gpus_of(m, decode(0, 1, service="A", pid=100, gpu_ids=("0",))) == (KEYS[0],)
+    assert gpus_of(m, decode(0, 1, service="A", pid=100, gpu_ids=("1",))) == GPU_NOT_PERMITTED
+    assert gpus_of(m, decode(0, 1, service="A", pid=100, gpu_ids=("3",))) == GPU_NOT_PERMITTED  # B's process
 
 
 def test_a_pod_entitles_the_gpus_of_its_other_containers(proc_root):
     # 300 and 400 are containers of one pod, on GPUs 4 and 5: a sender found on GPU 4 may name GPU
     # 5 too, and nothing outside the pod.
     m = mapper(proc_root)
-    assert placed(m, decode(0, 1, service="tp", pid=300)) == (KEYS[4],)
-    assert placed(m, decode(0, 1, service="tp", pid=300, gpu_ids=("4", "5"))) == (KEYS[4], KEYS[5])
-    assert placed(m, decode(0, 1, service="tp", pid=300, gpu_ids=("5", "6"))) == GPU_NOT_PERMITTED
-    assert placed(m, decode(0, 1, service="A", pid=100, gpu_ids=("5",))) == GPU_NOT_PERMITTED  # not its pod
+    assert gpus_of(m, decode(0, 1, service="tp", pid=300)) == (KEYS[4],)
+    assert gpus_of(m, decode(0, 1, service="tp", pid=300, gpu_ids=("4", "5"))) == (KEYS[4], KEYS[5])
+    assert gpus_of(m, decode(0, 1, service="tp", pid=300, gpu_ids=("5", "6"))) == GPU_NOT_PERMITTED
+    assert gpus_of(m, decode(0, 1, service="A", pid=100, gpu_ids=("5",))) == GPU_NOT_PERMITTED  # not its pod
 
 
 def test_refusals_are_counted_per_window_in_the_agents_view(proc_root):

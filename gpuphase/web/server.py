@@ -182,7 +182,7 @@ class HttpServer:
             try:
                 sock, address = await loop.sock_accept(self._sock)
             except OSError as error:  # EMFILE and friends: wait a moment instead of spinning
-                _throttled_warning(f"{self.name}: accept failed: {error}")
+                _throttled_warning(f"{self.name}: accept failed: {error.strerror or type(error).__name__}")
                 await asyncio.sleep(0.1)
                 continue
             if not self._make_room():
@@ -224,7 +224,10 @@ class HttpServer:
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError) as error:
             log.debug("%s: connection from %s ended: %s", self.name, client, error or type(error).__name__)
         except Exception:  # noqa: BLE001 - one connection's failure must not reach the loop
-            _throttled_warning(f"{self.name}: serving {client} failed", exc_info=True)
+            # The message is the throttle's key: no client address in it, or every new address
+            # would be a new key (and a new entry kept for good).
+            log.debug("%s: serving %s failed", self.name, client)
+            _throttled_warning(f"{self.name}: serving a connection failed", exc_info=True)
         finally:
             self._connections.discard(conn)
             if transport is not None:
