@@ -104,6 +104,12 @@ class RuleConfig:
     state_window: int = _duration("1m", scaled=False)
     rate_window: int = _duration("5m", scaled=False)
 
+    # Scaling signals: the desired GPU count of a service keeps its busy share at this target.
+    scaling_target_busy_share: float = 0.7
+    # `gpuphase report`'s pre-aggregation: every report_step, what each GPU did in that step. The
+    # report sums these, so a 30-day range reads 8,640 samples a series instead of 172,800 scrapes.
+    report_step: int = _duration("5m", scaled=False)
+
     def scaled(self, factor: float, scrape_interval: int = DEFAULT_SCRAPE_INTERVAL) -> "RuleConfig":
         """The same rules with every scaled window multiplied by factor (at least 1 s; a range at
         least RANGE_SCRAPES x scrape_interval, the scrape interval of the Prometheus that runs them)."""
@@ -153,6 +159,41 @@ def activity(window: int) -> str:
     return (
         f"(\n  avg_over_time(gpu_sm_active_ratio[{w}])\n  or\n"
         f"  avg_over_time(gpu_utilization_ratio[{w}])\n)"
+    )
+
+
+def bandwidth_bound(c: "RuleConfig", window: int) -> str:
+    """GPUs whose DRAM was saturated while the tensor cores waited over window (the memory wall);
+    on GPUs with phase accounting only while the memory-bound phases held most of the busy time.
+    Value: the DRAM activity. Shared by GpuMemoryBandwidthBound and the report's bound hours."""
+    w = format_duration(window)
+    phase_busy = (
+        f"sum without (phase, service) (rate(gpu_phase_seconds_total{{phase=~\"{c.bandwidth_phases}\"}}[{w}]))\n"
+        f"/\nsum without (phase, service) (rate(gpu_phase_seconds_total{{phase!=\"idle\"}}[{w}]))\n"
+        f">= {c.bandwidth_phase_share_min:g}"
+    )
+    return (
+        "(\n"
+        f"  avg_over_time(gpu_dram_active_ratio[{w}]) >= {c.bandwidth_dram_min:g}\n"
+        "  and\n"
+        f"  avg_over_time(gpu_tensor_active_ratio[{w}]) <= {c.bandwidth_tensor_max:g}\n"
+        ")\n"
+        "# GPUs with phase accounting count only while the memory-bound phases dominate.\n"
+        "unless\n"
+        "(\n"
+        "  group without (phase, service) (gpu_phase_seconds_total)\n"
+        "  unless\n"
+        f"  (\n{_indent(phase_busy, 4)}\n  )\n"
+        ")"
+    )
+
+
+def idle_share(c: "RuleConfig", window: int) -> str:
+    """Idle share of each GPU over window: the idle phase where phases are accounted, low activity
+    (all or nothing) elsewhere. Summed over GPUs it is the number of idle GPUs."""
+    return (
+        f'sum without (phase, service) (rate(gpu_phase_seconds_total{{phase="idle"}}[{format_duration(window)}]))\n'
+        f"or\n{activity(window)} < bool {c.idle_threshold:g}"
     )
 
 
@@ -216,26 +257,9 @@ def cost_alerts(c: RuleConfig) -> list[dict[str, Any]]:
         f"{format_duration(c.unused_for)} (activity now {_VALUE_PCT}). Scale the node down or give the GPU "
         "to a workload.",
     )
-    bw = format_duration(c.bandwidth_window)
-    phase_busy = (
-        f"sum without (phase, service) (rate(gpu_phase_seconds_total{{phase=~\"{c.bandwidth_phases}\"}}[{bw}]))\n"
-        f"/\nsum without (phase, service) (rate(gpu_phase_seconds_total{{phase!=\"idle\"}}[{bw}]))\n"
-        f">= {c.bandwidth_phase_share_min:g}"
-    )
     bandwidth = _alert(
         c, "GpuMemoryBandwidthBound",
-        "(\n"
-        f"  avg_over_time(gpu_dram_active_ratio[{bw}]) >= {c.bandwidth_dram_min:g}\n"
-        "  and\n"
-        f"  avg_over_time(gpu_tensor_active_ratio[{bw}]) <= {c.bandwidth_tensor_max:g}\n"
-        ")\n"
-        "# GPUs with phase accounting count only while the memory-bound phases dominate.\n"
-        "unless\n"
-        "(\n"
-        "  group without (phase, service) (gpu_phase_seconds_total)\n"
-        "  unless\n"
-        f"  (\n{_indent(phase_busy, 4)}\n  )\n"
-        ")",
+        bandwidth_bound(c, c.bandwidth_window),
         c.bandwidth_for, "info",
         "GPU is bound by memory bandwidth",
         f"{_GPU} has used {_VALUE_PCT} of its DRAM bandwidth while its tensor cores were active at most "
@@ -383,10 +407,7 @@ def recording_rules(c: RuleConfig) -> list[dict[str, Any]]:
             })
     # Idle share of each GPU: the idle phase where phases are accounted, low activity elsewhere.
     # Summed over GPUs it is the number of idle GPUs: idle GPU-hours accrued per hour.
-    rules.append({"record": f"{IDLE_RATIO}{rw}", "expr": (
-        f'sum without (phase, service) (rate(gpu_phase_seconds_total{{phase="idle"}}[{rw}]))\n'
-        f"or\n{activity(c.rate_window)} < bool {c.idle_threshold:g}"
-    )})
+    rules.append({"record": f"{IDLE_RATIO}{rw}", "expr": idle_share(c, c.rate_window)})
     rules.append({"record": IDLE_GPUS, "expr": f"sum without (gpu, uuid) ({IDLE_RATIO}{rw})"})
     tokens_phases = 'phase=~"prefill|decode"'
     for level, grouping in (("instance_gpu_phase", "without (service)"), ("phase", "by (phase)")):
@@ -399,10 +420,168 @@ def recording_rules(c: RuleConfig) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------
+# Scaling signals: per service, what an autoscaler (KEDA, HPA via prometheus-adapter) reads; per GPU,
+# how long it has been idle, for spin-down hooks. docs/scaling.md.
+# --------------------------------------------------------------------------------------------
+SERVICE_GPUS = "gpuphase:service_gpus:count"
+SERVICE_BUSY_GPUS = "gpuphase:service_busy_gpus:rate"
+SERVICE_PHASE_SHARE = "gpuphase:service_phase_share:rate"
+SERVICE_DESIRED_GPUS = "gpuphase:service_desired_gpus:rate"
+GPU_LAST_BUSY = "gpuphase:gpu_last_busy:timestamp_seconds"
+GPU_IDLE_FOR = "gpuphase:gpu_idle_for:seconds"
+
+
+def scaling_rules(c: RuleConfig) -> list[dict[str, Any]]:
+    rw = format_duration(c.rate_window)
+    busy = f"{SERVICE_BUSY_GPUS}{rw}"
+    idle = f"{IDLE_RATIO}{rw}"
+    return [
+        # Every GPU a service is mapped to exposes its phase series, traffic or not.
+        {"record": SERVICE_GPUS,
+         "expr": "count by (service) (group by (instance, gpu, uuid, service) (gpu_phase_seconds_total))"},
+        # GPU-equivalents doing work: 2 GPUs each busy half the time count 1.
+        {"record": busy,
+         "expr": f'sum by (service) (rate(gpu_phase_seconds_total{{phase!="idle"}}[{rw}]))'},
+        {"record": f"{SERVICE_PHASE_SHARE}{rw}",
+         "expr": f"sum by (service, phase) (rate(gpu_phase_seconds_total[{rw}]))\n"
+                 f"/ ignoring (phase) group_left ()\n"
+                 f"(sum by (service) (rate(gpu_phase_seconds_total[{rw}])) > 0)"},
+        # The GPUs that would run the same work at the target busy share (0 when there is none).
+        {"record": f"{SERVICE_DESIRED_GPUS}{rw}",
+         "expr": f"ceil({busy} / {c.scaling_target_busy_share:g})"},
+        # The last time a GPU was busy (idle less than 1 - idle_threshold of rate_window). A GPU never
+        # seen busy counts from when these rules first saw it; the rule reads its own last value,
+        # so a Prometheus restart within its lookback keeps the count. Dropped with the GPU.
+        {"record": GPU_LAST_BUSY,
+         "expr": "(\n"
+                 f"  time() + 0 * ({idle} < {1 - c.idle_threshold:g})\n"
+                 f"  or\n  {GPU_LAST_BUSY}\n"
+                 "  or\n  time() + 0 * gpu_up\n"
+                 ")\nand\ngpu_up"},
+        {"record": GPU_IDLE_FOR, "expr": f"time() - {GPU_LAST_BUSY}"},
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Report pre-aggregation (`gpuphase report`, docs/report.md): every report_step, in a group of that
+# interval, what each GPU did during the step just ended. Summing a record over a range with
+# sum_over_time() gives the range's total, with the same result in Prometheus, Thanos, Mimir and
+# VictoriaMetrics (unlike increase() over a range, whose extrapolation differs between them).
+# Names end in the step ("...:increase5m"); the report finds the step from them.
+# --------------------------------------------------------------------------------------------
+REPORT_PHASE_SECONDS = "instance_gpu_phase_service:gpu_phase_seconds:increase"
+REPORT_PHASE_TOKENS = "instance_gpu_phase_service:gpu_phase_tokens:increase"
+REPORT_PHASE_ENERGY = "instance_gpu_phase_service:gpu_phase_energy_joules:increase"
+REPORT_ENERGY = "instance_gpu:gpu_energy_joules:increase"
+REPORT_OBSERVED = "instance_gpu:gpu_observed_seconds:sum"
+REPORT_IDLE_ALLOCATED = "instance_gpu:gpu_idle_allocated_seconds:sum"
+REPORT_UNUSED = "instance_gpu:gpu_unused_seconds:sum"
+REPORT_BANDWIDTH_BOUND = "instance_gpu:gpu_bandwidth_bound_seconds:sum"
+REPORT_MEMORY_USED = "instance_gpu:gpu_memory_used_bytes:max"
+REPORT_MEMORY_TOTAL = "instance_gpu:gpu_memory_total_bytes:max"
+REPORT_DRAM = "instance_gpu:gpu_dram_active_ratio:avg"
+REPORT_TENSOR = "instance_gpu:gpu_tensor_active_ratio:avg"
+REPORT_GROUP = "gpuphase.report"
+
+
+def step_increase(metric: str, step: int) -> str:
+    """How much a counter grew in the step just ended: its latest sample minus the latest sample a
+    step ago. Unlike increase(), nothing is extrapolated, so consecutive steps telescope and their
+    sum over a range is exactly the counter's growth (across a reset: the value since the reset).
+    A series new this step counts from its next step (its first value may hold a history)."""
+    s = format_duration(step)
+    return (f"(\n  {metric} - {metric} offset {s} >= 0\n  or\n"
+            f"  ({metric} and {metric} - {metric} offset {s} < 0)\n)")
+
+
+def report_rules(c: RuleConfig) -> list[dict[str, Any]]:
+    step = c.report_step
+    s = format_duration(step)
+    idle_phase = step_increase('gpu_phase_seconds_total{phase="idle"}', step)
+    idle = (f"sum without (phase, service) {idle_phase}\n"
+            f"or\n{step} * ({activity(step)} < bool {c.idle_threshold:g})")
+    allocated = f"max_over_time(gpu_processes[{s}]) > 0"
+    return [
+        {"record": f"{REPORT_PHASE_SECONDS}{s}", "expr": step_increase("gpu_phase_seconds_total", step)},
+        {"record": f"{REPORT_PHASE_TOKENS}{s}",
+         "expr": step_increase('gpu_phase_tokens_total{phase=~"prefill|decode"}', step)},
+        {"record": f"{REPORT_PHASE_ENERGY}{s}", "expr": step_increase("gpu_phase_energy_joules_total", step)},
+        {"record": f"{REPORT_ENERGY}{s}", "expr": step_increase("gpu_energy_joules_total", step)},
+        # A GPU the agent reported at all during the step (up or lost) was observed for the step.
+        {"record": f"{REPORT_OBSERVED}{s}", "expr": f"{step} + 0 * last_over_time(gpu_up[{s}])"},
+        # Idle seconds of the step (the idle phase where phases are accounted, the whole step when
+        # activity stayed under the idle threshold elsewhere), split by whether a process held the
+        # GPU (GpuIdleAllocated) or none did (GpuUnused).
+        {"record": f"{REPORT_IDLE_ALLOCATED}{s}", "expr": f"(\n{_indent(idle)}\n)\nand\n{allocated}"},
+        {"record": f"{REPORT_UNUSED}{s}", "expr": f"(\n{_indent(idle)}\n)\nunless\n{allocated}"},
+        {"record": f"{REPORT_BANDWIDTH_BOUND}{s}",
+         "expr": f"{step} + 0 * (\n{_indent(bandwidth_bound(c, step))}\n)"},
+        {"record": f"{REPORT_MEMORY_USED}{s}", "expr": f"max_over_time(gpu_memory_used_bytes[{s}])"},
+        {"record": f"{REPORT_MEMORY_TOTAL}{s}", "expr": f"max_over_time(gpu_memory_total_bytes[{s}])"},
+        {"record": f"{REPORT_DRAM}{s}", "expr": f"avg_over_time(gpu_dram_active_ratio[{s}])"},
+        {"record": f"{REPORT_TENSOR}{s}", "expr": f"avg_over_time(gpu_tensor_active_ratio[{s}])"},
+    ]
+
+
+# What each recorded series means, by name without its window suffix (docs/metrics.md is generated
+# from this; a test checks every recording rule has its line).
+RECORDED_HELP = {
+    PHASE_RATE: "phase time per second per GPU (services summed)",
+    GPU_STATE: "1 per GPU, label `state` = the phase with the largest share of its last state_window; "
+               "`unknown` for GPUs with no phase accounting",
+    STATE_COUNT: "GPUs per state",
+    "instance_gpu_phase:gpu_phase_sm_active:ratio_rate": "average SM activity within each phase, per GPU",
+    "phase:gpu_phase_sm_active:ratio_rate": "average SM activity within each phase, fleet-wide",
+    "instance_gpu_phase:gpu_phase_tensor_active:ratio_rate": "average tensor activity within each phase, per GPU",
+    "phase:gpu_phase_tensor_active:ratio_rate": "average tensor activity within each phase, fleet-wide",
+    "instance_gpu_phase:gpu_phase_dram_active:ratio_rate": "average DRAM activity within each phase, per GPU",
+    "phase:gpu_phase_dram_active:ratio_rate": "average DRAM activity within each phase, fleet-wide",
+    IDLE_RATIO: "share of time idle: the idle phase where phases are accounted, activity below the idle "
+                "threshold elsewhere",
+    IDLE_GPUS: "idle GPUs per host (= idle GPU-hours accrued per hour)",
+    "instance_gpu_phase:gpu_phase_energy_per_token_joules:ratio_rate": "joules per prompt token (prefill) and per "
+                                                                       "output token (decode), per GPU",
+    "phase:gpu_phase_energy_per_token_joules:ratio_rate": "joules per prompt token (prefill) and per output token "
+                                                          "(decode), fleet-wide",
+    SERVICE_GPUS: "scaling: GPUs mapped to each service (label `service`)",
+    SERVICE_BUSY_GPUS: "scaling: GPU-equivalents of work per service (two GPUs busy half the time = 1)",
+    SERVICE_PHASE_SHARE: "scaling: share of a service's GPU time in each phase (labels `service`, `phase`)",
+    SERVICE_DESIRED_GPUS: "scaling: GPUs a service needs to run its work at the target busy share "
+                          "(scaling_target_busy_share, default 0.7), rounded up",
+    GPU_LAST_BUSY: "scaling: Unix time a GPU was last busy (idle under 95% of rate_window); from when the rules "
+                   "first saw it if never",
+    GPU_IDLE_FOR: "scaling: seconds since a GPU was last busy (spin-down hooks)",
+    REPORT_PHASE_SECONDS: "report: phase seconds of each GPU, phase and service in the report step just ended",
+    REPORT_PHASE_TOKENS: "report: prompt (prefill) and output (decode) tokens in the step",
+    REPORT_PHASE_ENERGY: "report: joules per phase and service in the step",
+    REPORT_ENERGY: "report: joules of each GPU in the step",
+    REPORT_OBSERVED: "report: the step's length for every GPU the agent reported (up or lost)",
+    REPORT_IDLE_ALLOCATED: "report: idle seconds of the step while a process held the GPU",
+    REPORT_UNUSED: "report: idle seconds of the step with no process on the GPU",
+    REPORT_BANDWIDTH_BOUND: "report: the step's length when the GPU was bound by memory bandwidth "
+                            "(GpuMemoryBandwidthBound's condition over the step)",
+    REPORT_MEMORY_USED: "report: peak VRAM used in the step",
+    REPORT_MEMORY_TOTAL: "report: VRAM size",
+    REPORT_DRAM: "report: average DRAM activity in the step",
+    REPORT_TENSOR: "report: average tensor activity in the step",
+}
+
+
+def recorded_help(name: str) -> str:
+    """The meaning of a recorded series; KeyError for one without (a test checks there is none)."""
+    matches = [prefix for prefix in RECORDED_HELP if name.startswith(prefix)]
+    if not matches:
+        raise KeyError(name)
+    return RECORDED_HELP[max(matches, key=len)]
+
+
+# --------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------
 def build_groups(config: RuleConfig) -> list[dict[str, Any]]:
-    groups = [{"name": "gpuphase.recording", "rules": recording_rules(config)}]
+    groups = [{"name": "gpuphase.recording", "rules": recording_rules(config)},
+              {"name": "gpuphase.scaling", "rules": scaling_rules(config)},
+              {"name": REPORT_GROUP, "interval": format_duration(config.report_step), "rules": report_rules(config)}]
     groups += [{"name": name, "rules": make(config)} for name, make in ALERT_GROUPS]
     return groups
 
@@ -413,7 +592,8 @@ def alert_names(config: RuleConfig | None = None) -> list[str]:
 
 
 def recorded_names(config: RuleConfig | None = None) -> list[str]:
-    return [rule["record"] for rule in recording_rules(config or RuleConfig())]
+    config = config or RuleConfig()
+    return [rule["record"] for make in (recording_rules, scaling_rules, report_rules) for rule in make(config)]
 
 
 class _Dumper(yaml.SafeDumper):

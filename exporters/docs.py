@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from gpuphase.alerts import rules
 from gpuphase.model import metricdefs
 from gpuphase.model.metricdefs import MetricDef
 
@@ -62,7 +63,28 @@ def render() -> str:
     sections = [_INTRO]
     for collector in metricdefs.collectors():
         sections.append(_table(collector, metricdefs.by_collector(collector)))
+    sections.append(_recorded())
     return "\n".join(sections)
+
+
+def _recorded() -> str:
+    """The recording rules' series (alerts/gpuphase-rules.yaml), with the default windows."""
+    lines = [
+        "## Recorded series (alerts/gpuphase-rules.yaml)",
+        "",
+        "Computed by Prometheus from the metrics above, with the shipped rules' default windows (the",
+        "window is part of the name; docs/alerts.md says how to change it). The `gpuphase.scaling` series",
+        "feed autoscalers and spin-down hooks (docs/scaling.md); the `gpuphase.report` ones, evaluated",
+        "once per report step (5m), are what `gpuphase report` reads (docs/report.md).",
+        "",
+        "| name | group | meaning |",
+        "|---|---|---|",
+    ]
+    for group in rules.build_groups(rules.RuleConfig()):
+        for rule in group["rules"]:
+            if "record" in rule:
+                lines.append(f"| `{rule['record']}` | {group['name']} | {_cell(rules.recorded_help(rule['record']))} |")
+    return "\n".join(lines) + "\n"
 
 
 def _table(collector: str, definitions: list[MetricDef]) -> str:
