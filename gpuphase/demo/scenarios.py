@@ -66,6 +66,13 @@ SCENARIOS: dict[str, Scenario] = {
         loads=(ServiceLoad("chat-8b", (0,), arrival_rate=4.0, prompt_tokens=(200, 80), output_tokens=(900, 300),
                            prefill_tokens_per_second=40000.0, decode_step_seconds=0.012, max_batch=64,
                            activity=MEMORY_BOUND),)),
+    "traffic-cycle": Scenario(
+        "2 GPUs: chat-4b on TP2 whose traffic rises and falls, 60 s at 0.1 requests/s then 60 s at 3/s, "
+        "repeated (watch the scaling signals follow)",
+        gpus=2,
+        loads=(ServiceLoad("chat-4b", (0, 1), prompt_tokens=(300, 100), output_tokens=(40, 10),
+                           rate_cycle=((60.0, 0.1), (60.0, 3.0))),),
+    ),
     "phase-blocks": Scenario(
         "1 GPU: a scripted 8 s cycle of 1.5 s prefill, 2 s decode, 1.5 s mixed, ~3 s idle (for checking accuracy)",
         gpus=1,

@@ -37,6 +37,9 @@ class ServiceLoad:
     # Scripted requests instead of Poisson arrivals: (offset in cycle, prefill s, decode s), cycle length.
     script: tuple[tuple[float, float, float], ...] = ()
     script_cycle: float = 0.0
+    # Traffic that rises and falls: (seconds, requests per second) segments, repeated; replaces
+    # arrival_rate (the scaling signals' demo).
+    rate_cycle: tuple[tuple[float, float], ...] = ()
     # Who the simulated server's GPU process is (gpu_process_* labels): its name (what
     # /proc/<pid>/comm would hold; default "vllm-<service>", cut to comm's 15 bytes) and, when the
     # scenario models a Kubernetes node, the pod, namespace and container that hold its GPUs.
@@ -48,6 +51,22 @@ class ServiceLoad:
     @property
     def comm(self) -> str:
         return (self.process_name or f"vllm-{self.service}")[:15]
+
+    @property
+    def has_traffic(self) -> bool:
+        return self.arrival_rate > 0 or any(rate > 0 for _, rate in self.rate_cycle)
+
+    def rate_segment(self, elapsed: float) -> tuple[float, float]:
+        """(requests per second, seconds until the rate changes) `elapsed` seconds into the run."""
+        if not self.rate_cycle:
+            return self.arrival_rate, float("inf")
+        cycle = sum(seconds for seconds, _ in self.rate_cycle)
+        offset = elapsed % cycle
+        for seconds, rate in self.rate_cycle:
+            if offset < seconds:
+                return rate, seconds - offset
+            offset -= seconds
+        return self.rate_cycle[-1][1], 1e-9  # float rounding at the cycle's end
 
 
 @dataclass(frozen=True)
@@ -76,7 +95,8 @@ class ServiceTimeline:
         self._starts: list[float] = []
         self._history: list[tuple[float, float, str]] | None = [] if keep_history else None
         self._slot_free_at: list[float] = []  # end times of running requests, kept sorted
-        self._next_arrival = start + (rng.expovariate(load.arrival_rate) if load.arrival_rate else 0.0)
+        self._start = start
+        self._next_arrival = self._after(start)
         self._cycle_start = start
         self._counter = 0
 
@@ -91,10 +111,10 @@ class ServiceTimeline:
                                               int(prefill * self.load.prefill_tokens_per_second),
                                               max(1, int(decode / self.load.decode_step_seconds))))
                 self._cycle_start += self.load.script_cycle
-        elif self.load.arrival_rate > 0:
+        elif self.load.has_traffic:
             while self._next_arrival < horizon:
                 planned.append(self._plan_poisson(self._next_arrival))
-                self._next_arrival += self._rng.expovariate(self.load.arrival_rate)
+                self._next_arrival = self._after(self._next_arrival)
         with self._lock:
             for request in planned:
                 for window in request.windows:
@@ -104,6 +124,18 @@ class ServiceTimeline:
                     if self._history is not None:
                         self._history.append(window)
         return planned
+
+    def _after(self, t: float) -> float:
+        """The next Poisson arrival after t at the rate of the moment; memoryless, so a draw that
+        would cross a rate change restarts from the change at the new rate."""
+        while True:
+            rate, left = self.load.rate_segment(t - self._start)
+            gap = self._rng.expovariate(rate) if rate > 0 else float("inf")
+            if gap < left:
+                return t + gap
+            if left == float("inf"):
+                return float("inf")
+            t += left
 
     def _plan_poisson(self, arrival: float) -> PlannedRequest:
         load = self.load
