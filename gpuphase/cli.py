@@ -270,5 +270,60 @@ def top(url: str, user: str | None, password_file: str | None, ca_file: str | No
                      max_processes=max_processes))
 
 
+def _parse_seconds(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    if seconds <= 0:
+        raise click.BadParameter("must be positive")
+    return seconds
+
+
+@main.command(short_help="Waste, right-sizing and cost report from a Prometheus-compatible API.")
+@click.option("--prometheus.url", "url", required=True, envvar="GPUPHASE_REPORT_PROMETHEUS_URL",
+              help="The API's root: Prometheus, Thanos Query, Mimir (…/prometheus) or VictoriaMetrics.")
+@click.option("--range", "range_text", default="7d", show_default=True, metavar="DURATION",
+              help="How far back from --end (e.g. 24h, 7d, 30d).")
+@click.option("--end", "end_text", default="now", show_default=True, metavar="TIME",
+              help="End of the range: now, Unix seconds or RFC 3339 (2026-12-01T00:00:00Z).")
+@click.option("--selector", default='{job=~".*gpuphase.*"}', show_default=True,
+              help="Label matchers choosing the agents' series (the alert rules' agent selector by default).")
+@click.option("--price.gpu-hour", "gpu_hour", type=float, default=None, metavar="PRICE",
+              help="One price per GPU-hour for every GPU model.")
+@click.option("--price.file", "price_file", type=click.Path(dir_okay=False), default=None,
+              help="YAML prices per GPU model, with memory bandwidth and an energy price (docs/report.md).")
+@click.option("--price.currency", "currency", default="USD", show_default=True,
+              help="Currency of --price.gpu-hour (a price file names its own).")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json", "html"]), default="text",
+              show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="File to write (default stdout).")
+@click.option("--prometheus.timeout", "timeout", default="2m", show_default=True, callback=_parse_seconds,
+              metavar="DURATION", help="Per query.")
+@click.option("--prometheus.username", "username", default=None, help="Basic auth user.")
+@click.option("--prometheus.password-file", "password_file", type=click.Path(dir_okay=False), default=None,
+              help="File holding the basic auth password.")
+@click.option("--prometheus.bearer-token-file", "bearer_token_file", type=click.Path(dir_okay=False), default=None,
+              help="File holding a bearer token (e.g. a service account token).")
+@click.option("--prometheus.ca-file", "ca_file", type=click.Path(dir_okay=False), default=None,
+              help="CA bundle verifying an https:// API.")
+@click.option("--prometheus.cert-file", "cert_file", type=click.Path(dir_okay=False), default=None,
+              help="Client certificate (mutual TLS).")
+@click.option("--prometheus.key-file", "key_file", type=click.Path(dir_okay=False), default=None,
+              help="Client certificate's key.")
+@click.option("--prometheus.insecure-skip-verify", "insecure_skip_verify", is_flag=True,
+              help="Do not verify the API's certificate.")
+def report(url: str, range_text: str, end_text: str, selector: str, gpu_hour: float | None, price_file: str | None,
+           currency: str, fmt: str, output: str | None, timeout: float, **auth: Any) -> None:
+    """Per GPU and per service over a range: hours by phase, idle GPU-hours (allocated but idle, and
+    unused) and their cost, bandwidth-bound hours, VRAM headroom, energy and energy per token; then
+    recommendations with their evidence and monthly savings. Reads the recording rules of group
+    gpuphase.report (alerts/gpuphase-rules.yaml). docs/report.md."""
+    from gpuphase.report.main import run as run_report
+
+    sys.exit(run_report(url=url, range_text=range_text, end_text=end_text, selector=selector, gpu_hour=gpu_hour,
+                        price_file=price_file, currency=currency, fmt=fmt, output=output, timeout=timeout, auth=auth))
+
+
 if __name__ == "__main__":
     main()

@@ -21,7 +21,7 @@ from tests.layout import ROOT, module_files
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("gpuphase.__main__",),
     ("gpuphase.cli",),
-    ("gpuphase.demo", "gpuphase.top"),
+    ("gpuphase.demo", "gpuphase.top", "gpuphase.report"),
     ("gpuphase.agent.app",),
     ("gpuphase.agent.config",),
     ("gpuphase.agent.sampler", "gpuphase.agent.spans", "gpuphase.agent.phases", "gpuphase.exporters",

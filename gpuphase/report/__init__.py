@@ -1,0 +1,1 @@
+"""`gpuphase report`: waste, right-sizing and cost from what Prometheus holds (docs/report.md)."""
