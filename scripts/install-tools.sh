@@ -9,6 +9,8 @@ command -v amtool >/dev/null || need+=(prometheus-alertmanager)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v gcc >/dev/null || need+=(gcc)
 command -v openssl >/dev/null || need+=(openssl)
+command -v curl >/dev/null || need+=(curl)  # the spin-down example script (tests/test_scaling_examples.py)
+command -v victoria-metrics >/dev/null || need+=(victoria-metrics)  # tests/test_e2e_report.py, benchmarks
 command -v tmux >/dev/null || need+=(tmux)  # tests/test_top.py: `gpuphase top` in a real terminal
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
