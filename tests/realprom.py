@@ -71,7 +71,8 @@ class Prometheus(_Service):
     name = "prometheus"
 
     def __init__(self, workdir: Path, targets: Sequence[str], scrape_interval: str = "1s",
-                 rule_files: Sequence[Path] = (), alertmanager: str | None = None, evaluation_interval: str = "1s"):
+                 rule_files: Sequence[Path] = (), alertmanager: str | None = None, evaluation_interval: str = "1s",
+                 remote_write: str | None = None):
         super().__init__(workdir)
         self.binary = require_tool("prometheus")
         config: dict[str, Any] = {
@@ -79,6 +80,8 @@ class Prometheus(_Service):
             "scrape_configs": [{"job_name": "gpuphase", "static_configs": [{"targets": list(targets)}]}],
             "rule_files": [str(path) for path in rule_files],
         }
+        if remote_write:  # recorded series too: what a fleet's long-term store receives
+            config["remote_write"] = [{"url": remote_write, "queue_config": {"batch_send_deadline": "1s"}}]
         if alertmanager:
             config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
         self.config_path = workdir / "prometheus.yml"
@@ -88,15 +91,46 @@ class Prometheus(_Service):
         return [self.binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={self.workdir / 'tsdb'}",
                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"]
 
-    def query(self, expr: str) -> list[dict]:
-        """Instant query; returns the result vector (raises on a PromQL error)."""
-        body = get_json(f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+    def query(self, expr: str, at: float | None = None) -> list[dict]:
+        """Instant query (now, or at Unix time `at`); returns the result vector (raises on a PromQL error)."""
+        params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
+        body = get_json(f"{self.url}/api/v1/query?" + urllib.parse.urlencode(params))
         assert body["status"] == "success", body
         return body["data"]["result"]
 
     def targets_up(self) -> bool:
         active = get_json(f"{self.url}/api/v1/targets")["data"]["activeTargets"]
         return bool(active) and all(target["health"] == "up" for target in active)
+
+
+class VictoriaMetrics(_Service):
+    """Single-node VictoriaMetrics (Debian package victoria-metrics): a fleet's long-term store,
+    fed by Prometheus' remote write, answering the same /api/v1 queries."""
+
+    name = "victoria-metrics"
+
+    def __init__(self, workdir: Path):
+        super().__init__(workdir)
+        self.binary = require_tool("victoria-metrics")
+
+    @property
+    def remote_write_url(self) -> str:
+        return f"{self.url}/api/v1/write"
+
+    def command(self) -> list[str]:
+        # latencyOffset 0: by default the newest 30 s are hidden from queries, for late samples.
+        return [self.binary, f"-storageDataPath={self.workdir / 'vm'}", f"-httpListenAddr=127.0.0.1:{self.port}",
+                "-retentionPeriod=1y", "-search.latencyOffset=0s", "-search.disableCache", "-loggerLevel=WARN"]
+
+    def __enter__(self):
+        self.process = subprocess.Popen(self.command(), stdout=self.log_path.open("w"), stderr=subprocess.STDOUT)
+        wait_until(lambda: urllib.request.urlopen(f"{self.url}/health", timeout=1).status == 200, 60,
+                   what=f"{self.name} healthy (log: {self.log_path})")
+        return self
+
+    def flush(self) -> None:
+        """Make every sample received so far visible to queries."""
+        urllib.request.urlopen(f"{self.url}/internal/force_flush", timeout=10).read()
 
 
 class Alertmanager(_Service):
