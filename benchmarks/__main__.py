@@ -9,14 +9,14 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import attacks, bounds, footprint, intake, peers, sampling, scrape
+from benchmarks import attacks, bounds, fleet_report, footprint, intake, peers, sampling, scrape
 from benchmarks.harness import ROOT, machine
 from benchmarks.report import render_report
 from benchmarks.results import Section
 
 # In report order; each module has run(**kwargs) -> Section and quick_kwargs().
 BENCHMARKS = {"intake": intake, "sampling": sampling, "scrape": scrape, "footprint": footprint,
-              "bounds": bounds, "peers": peers, "attacks": attacks}
+              "bounds": bounds, "peers": peers, "attacks": attacks, "fleet-report": fleet_report}
 
 
 def main(argv: list[str] | None = None) -> int:
