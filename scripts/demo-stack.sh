@@ -41,7 +41,9 @@ pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT INT TERM
 
-.venv/bin/python -m gpuphase.alerts.rules --for-scale "$SCALE" --scrape-interval 5s --set unused_for=2m -o "$work/rules.yaml"
+# report_step 30s: `gpuphase report` has something to read after a minute instead of five.
+.venv/bin/python -m gpuphase.alerts.rules --for-scale "$SCALE" --scrape-interval 5s --set unused_for=2m \
+  --set report_step=30s -o "$work/rules.yaml"
 am_binary=$(command -v prometheus-alertmanager || command -v alertmanager || true)
 if [ -n "$am_binary" ]; then
   "$am_binary" --config.file=alerts/alertmanager.yml --storage.path="$work/am" \
@@ -85,7 +87,15 @@ cat <<TEXT
                   pointing at http://127.0.0.1:$PROM_PORT
   Expect within a few minutes: GpuIdleAllocated and GpuMemoryNearlyFull on GPU 3,
   GpuMemoryBandwidthBound on GPU 2, GpuUnused on GPU 4; GPUs 0-1 stay quiet.
-
 TEXT
+if command -v prometheus >/dev/null; then
+  cat <<TEXT
+  After 3 minutes, the waste report (docs/report.md) in another terminal:
+    .venv/bin/gpuphase report --prometheus.url http://127.0.0.1:$PROM_PORT --range 10m --price.gpu-hour 2.50
+    (--format html --output report.html for the plots)
+  Scaling signals (docs/scaling.md): http://127.0.0.1:$PROM_PORT/graph?g0.expr=gpuphase%3Aservice_desired_gpus%3Arate5m
+TEXT
+fi
+echo
 .venv/bin/gpuphase demo --demo.scenario mixed-fleet --web.listen-address "127.0.0.1:$AGENT_PORT" \
   --otlp.grpc-listen-address "127.0.0.1:$OTLP_GRPC_PORT" --otlp.http-listen-address "127.0.0.1:$OTLP_HTTP_PORT" "$@"
