@@ -434,7 +434,6 @@ GPU_IDLE_FOR = "gpuphase:gpu_idle_for:seconds"
 def scaling_rules(c: RuleConfig) -> list[dict[str, Any]]:
     rw = format_duration(c.rate_window)
     busy = f"{SERVICE_BUSY_GPUS}{rw}"
-    idle = f"{IDLE_RATIO}{rw}"
     return [
         # Every GPU a service is mapped to exposes its phase series, traffic or not.
         {"record": SERVICE_GPUS,
@@ -452,9 +451,11 @@ def scaling_rules(c: RuleConfig) -> list[dict[str, Any]]:
         # The last time a GPU was busy (idle less than 1 - idle_threshold of rate_window). A GPU never
         # seen busy counts from when these rules first saw it; the rule reads its own last value,
         # so a Prometheus restart within its lookback keeps the count. Dropped with the GPU.
+        # The idle share is computed here, not read from the gpuphase.recording group's record:
+        # groups run concurrently, and reading it would lag one evaluation at random.
         {"record": GPU_LAST_BUSY,
          "expr": "(\n"
-                 f"  time() + 0 * ({idle} < {1 - c.idle_threshold:g})\n"
+                 f"  time() + 0 * (\n    (\n{_indent(idle_share(c, c.rate_window), 6)}\n    ) < {1 - c.idle_threshold:g}\n  )\n"
                  f"  or\n  {GPU_LAST_BUSY}\n"
                  "  or\n  time() + 0 * gpu_up\n"
                  ")\nand\ngpu_up"},
