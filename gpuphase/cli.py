@@ -220,14 +220,21 @@ def demo(**params: Any) -> None:
     sys.exit(run_demo(config, **demo_settings))
 
 
-def _parse_interval(ctx: click.Context, param: click.Parameter, value: str) -> float:
-    try:
-        seconds = parse_duration(value)
-    except ValueError as err:
-        raise click.BadParameter(str(err)) from None
-    if seconds < 0.1:
-        raise click.BadParameter(f"at least 100ms, got {value!r}")
-    return seconds
+def _duration_at_least(minimum: float, text: str) -> Callable[[click.Context, click.Parameter, str], float]:
+    """A click callback parsing a duration flag (90s, 2m) that must be at least `minimum` seconds."""
+    def parse(ctx: click.Context, param: click.Parameter, value: str) -> float:
+        try:
+            seconds = parse_duration(value)
+        except ValueError as err:
+            raise click.BadParameter(str(err)) from None
+        if seconds < minimum:
+            raise click.BadParameter(f"at least {text}, got {value!r}")
+        return seconds
+
+    return parse
+
+
+_parse_interval = _duration_at_least(0.1, "100ms")
 
 
 @main.command()
@@ -270,16 +277,6 @@ def top(url: str, user: str | None, password_file: str | None, ca_file: str | No
                      max_processes=max_processes))
 
 
-def _parse_seconds(ctx: click.Context, param: click.Parameter, value: str) -> float:
-    try:
-        seconds = parse_duration(value)
-    except ValueError as err:
-        raise click.BadParameter(str(err)) from None
-    if seconds <= 0:
-        raise click.BadParameter("must be positive")
-    return seconds
-
-
 @main.command(short_help="Waste, right-sizing and cost report from a Prometheus-compatible API.")
 @click.option("--prometheus.url", "url", required=True, envvar="GPUPHASE_REPORT_PROMETHEUS_URL",
               help="The API's root: Prometheus, Thanos Query, Mimir (…/prometheus) or VictoriaMetrics.")
@@ -298,7 +295,7 @@ def _parse_seconds(ctx: click.Context, param: click.Parameter, value: str) -> fl
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json", "html"]), default="text",
               show_default=True)
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="File to write (default stdout).")
-@click.option("--prometheus.timeout", "timeout", default="2m", show_default=True, callback=_parse_seconds,
+@click.option("--prometheus.timeout", "timeout", default="2m", show_default=True, callback=_duration_at_least(0.001, "1ms"),
               metavar="DURATION", help="Per query.")
 @click.option("--prometheus.username", "username", default=None, help="Basic auth user.")
 @click.option("--prometheus.password-file", "password_file", type=click.Path(dir_okay=False), default=None,

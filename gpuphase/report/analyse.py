@@ -17,6 +17,7 @@ from gpuphase.report.prices import PriceBook
 
 PHASES = ("prefill", "decode", "mixed", "idle")
 TOKEN_PHASES = ("prefill", "decode")
+IDLE_KINDS = ("allocated", "unused", "total")
 JOULES_PER_KWH = 3.6e6
 # Token counts of one tensor-parallel group agree to float rounding; two replicas' almost never.
 SAME_GROUP_TOLERANCE = 1e-6
@@ -181,23 +182,14 @@ class Analysis:
         for g in gpus:
             by_host[g["instance"]].append(g["idle_cost"]["total"])
 
-        def total(path: tuple[str, ...]) -> float | None:
-            values = []
-            for g in gpus:
-                value = g
-                for part in path:
-                    value = value[part]
-                values.append(value)
-            return _sum_known(values)
-
         return {
             "hosts": len({g["instance"] for g in gpus}),
             "gpus": len(gpus),
             "gpu_hours": sum(g["hours"] for g in gpus),
             "phase_hours": {p: sum(g["phase_hours"][p] for g in gpus) for p in (*PHASES, "unknown")},
-            "idle_gpu_hours": {k: total(("idle_gpu_hours", k)) or 0.0 for k in ("allocated", "unused", "total")},
-            "idle_cost": {k: total(("idle_cost", k)) for k in ("allocated", "unused", "total")},
-            "cost": total(("cost",)),
+            "idle_gpu_hours": {k: _sum_known(g["idle_gpu_hours"][k] for g in gpus) or 0.0 for k in IDLE_KINDS},
+            "idle_cost": {k: _sum_known(g["idle_cost"][k] for g in gpus) for k in IDLE_KINDS},
+            "cost": _sum_known(g["cost"] for g in gpus),
             "energy_kwh": sum(g["energy_kwh"] for g in gpus),
             "bandwidth_bound_hours": sum(g["bandwidth_bound_hours"] for g in gpus),
             "tokens": {p: _sum_known(s["tokens"][p] for s in self.services) for p in TOKEN_PHASES},

@@ -10,7 +10,6 @@ the server's own reason.
 
 from __future__ import annotations
 
-import base64
 import json
 import socket
 import ssl
@@ -20,6 +19,8 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
+
+from gpuphase.model.httpclient import basic_authorization, tls_context
 
 # An answer larger than this is not a report query's (those return one value per series).
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
@@ -49,8 +50,7 @@ class PrometheusApi:
         self.timeout = timeout
         self._headers = {"Accept": "application/json", "User-Agent": "gpuphase-report"}
         if auth.username or auth.password:
-            token = base64.b64encode(f"{auth.username}:{auth.password}".encode()).decode()
-            self._headers["Authorization"] = f"Basic {token}"
+            self._headers["Authorization"] = basic_authorization(auth.username, auth.password)
         elif auth.bearer_token:
             self._headers["Authorization"] = f"Bearer {auth.bearer_token}"
         self._context = _tls_context(auth) if parsed.scheme == "https" else None
@@ -117,15 +117,9 @@ class PrometheusApi:
 
 def _tls_context(auth: ApiAuth) -> ssl.SSLContext:
     try:
-        context = ssl.create_default_context(cafile=auth.ca_file or None)
-        if auth.cert_file:
-            context.load_cert_chain(auth.cert_file, auth.key_file or None)
+        return tls_context(auth.ca_file, auth.cert_file, auth.key_file, auth.insecure_skip_verify)
     except (OSError, ssl.SSLError) as err:
         raise ApiError(f"cannot load the API's TLS files: {_reason(err)}") from None
-    if auth.insecure_skip_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 def _reason(reason: object) -> str:

@@ -39,10 +39,11 @@ class Recommender:
         self.t = thresholds
 
     # ---- evidence ----------------------------------------------------------------------------
-    def _gpu_selector(self, gpu: dict[str, Any]) -> str:
-        parts = [self.matchers] if self.matchers else []
-        parts += [f'instance="{_quote(gpu["instance"])}"', f'gpu="{_quote(gpu["gpu"])}"']
-        return "{" + ", ".join(parts) + "}"
+    def _selector(self, *matchers: str) -> str:
+        return "{" + ", ".join(([self.matchers] if self.matchers else []) + list(matchers)) + "}"
+
+    def _gpu_selector(self, gpu: dict[str, Any], *matchers: str) -> str:
+        return self._selector(f'instance="{_quote(gpu["instance"])}"', f'gpu="{_quote(gpu["gpu"])}"', *matchers)
 
     def _hours_evidence(self, name: str, value: float, prefix: str, gpu: dict[str, Any]) -> dict[str, Any]:
         expr = f"sum_over_time({record_name(prefix, self.step)}{self._gpu_selector(gpu)}[{self.range}]) / 3600"
@@ -114,9 +115,9 @@ class Recommender:
                                            f"[{self.range}])"})
         if gpu["services"]:
             seconds = record_name(rules.REPORT_PHASE_SECONDS, self.step)
+            decode = self._gpu_selector(gpu, 'phase="decode"')
             evidence.append({"name": "decode hours", "value": round(phases["decode"], 4), "unit": "h",
-                             "promql": f"sum(sum_over_time({seconds}{self._gpu_selector(gpu)[:-1]}, phase=\"decode\"}}"
-                                       f"[{self.range}])) / 3600"})
+                             "promql": f"sum(sum_over_time({seconds}{decode}[{self.range}])) / 3600"})
         options = [self._richer_gpu(gpu, decode_share),
                    {"action": "larger decode batches",
                     "detail": f"tensor cores were active {_pct(gpu['tensor_active'])} of the time: each decode step "
@@ -173,7 +174,7 @@ class Recommender:
     def _power_cap(self, gpu: dict[str, Any], decode_share: float) -> dict[str, Any]:
         decode_kwh = gpu["energy_kwh_by_phase"]["decode"] or gpu["energy_kwh"] * decode_share
         kwh = decode_kwh / gpu["hours"] * HOURS_PER_MONTH * self.t.power_cap_energy_saving
-        money = _times_or_none(kwh, self.prices.energy_kwh)
+        money = None if self.prices.energy_kwh is None else round(kwh * self.prices.energy_kwh, 2)
         return {"action": "cap decode power (nvidia-smi -pl, or a decode-only power limit)",
                 "detail": "published measurements: decode energy falls 20-40% under a power cap at little latency "
                           f"cost; {self.t.power_cap_energy_saving:.0%} of this GPU's decode energy is "
@@ -187,7 +188,8 @@ class Recommender:
         if share is None or busy < self.t.min_busy_hours or share < self.t.mixed_share:
             return None
         seconds = record_name(rules.REPORT_PHASE_SECONDS, self.step)
-        svc = "{" + ", ".join(([self.matchers] if self.matchers else []) + [f'service="{_quote(service["service"])}"'])
+        mixed = self._selector(f'service="{_quote(service["service"])}"', 'phase="mixed"')
+        working = self._selector(f'service="{_quote(service["service"])}"', 'phase!="idle"')
         return {
             "kind": "disaggregate_prefill_decode",
             "target": {"service": service["service"]},
@@ -195,10 +197,10 @@ class Recommender:
                        "batches, where prompts stall running decodes: consider separate prefill and decode "
                        "pools (disaggregated serving) or chunked prefill limits.",
             "evidence": [{"name": "mixed share of busy time", "value": round(share, 4), "unit": "ratio",
-                          "promql": f'sum(sum_over_time({seconds}{svc}, phase="mixed"}}[{self.range}]))\n/\n'
-                                    f'sum(sum_over_time({seconds}{svc}, phase!="idle"}}[{self.range}]))'},
+                          "promql": f"sum(sum_over_time({seconds}{mixed}[{self.range}]))\n/\n"
+                                    f"sum(sum_over_time({seconds}{working}[{self.range}]))"},
                          {"name": "busy GPU-hours", "value": round(busy, 4), "unit": "h",
-                          "promql": f'sum(sum_over_time({seconds}{svc}, phase!="idle"}}[{self.range}])) / 3600'}],
+                          "promql": f"sum(sum_over_time({seconds}{working}[{self.range}])) / 3600"}],
             "monthly_savings": None,
         }
 
@@ -217,7 +219,4 @@ def _quote(value: str) -> str:
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}"
 
-
-def _times_or_none(value: float, factor: float | None) -> float | None:
-    return round(value * factor, 2) if factor is not None else None
 

@@ -8,12 +8,13 @@ private certificate; `--insecure` skips verification (hostname included).
 
 from __future__ import annotations
 
-import base64
 import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+
+from gpuphase.model.httpclient import basic_authorization, tls_context
 
 DEFAULT_URL = "http://127.0.0.1:9842/metrics"
 ACCEPT = "text/plain;version=0.0.4;q=1,*/*;q=0.1"  # the 0.0.4 text format the parser reads
@@ -65,17 +66,13 @@ def make_target(url: str, *, user: str | None = None, password_file: str | None 
     name = user if user is not None else url_user
     authorization = None
     if name is not None:
-        token = base64.b64encode(f"{name}:{password or ''}".encode()).decode("ascii")
-        authorization = f"Basic {token}"
+        authorization = basic_authorization(name, password or "")
     context = None
     if parts.scheme == "https":
         try:
-            context = ssl.create_default_context(cafile=ca_file)
+            context = tls_context(ca_file, insecure=insecure)
         except (OSError, ssl.SSLError) as err:
             raise ValueError(f"--ca-file: {err}: {ca_file}") from None
-        if insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
     elif ca_file or insecure:
         raise ValueError("--ca-file and --insecure are for https:// URLs")
     return Target(clean, authorization, context, timeout)
