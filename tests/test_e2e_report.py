@@ -31,6 +31,7 @@ SCHEMA = json.loads((ROOT / "gpuphase" / "report" / "schema.json").read_text())
 STEP = 5.0
 PRICE = 2.5
 RANGE = "150s"
+RANGE_SECONDS = 150.0
 
 
 def _rules(path: Path) -> Path:
@@ -83,10 +84,20 @@ def fleet(tmp_path_factory):
             AgentProcess(["--demo.scenario", "traffic-cycle", *common], env=env, command="demo") as cycle, \
             Prometheus(work / "prom", [f"127.0.0.1:{mixed.metrics_port}", f"127.0.0.1:{cycle.metrics_port}"],
                        rule_files=[rules], remote_write=vm.remote_write_url) as prometheus:
-        started = time.time()
-        # Enough settled phase time for the range, and a full rise and fall of traffic-cycle (60 s
-        # low, 60 s high, 60 s low) with the phase settle and the rate window behind it.
-        wait_until(lambda: time.time() - started > 200, 260, interval=5, what="three minutes of data")
+        mixed_host = f"127.0.0.1:{mixed.metrics_port}"
+
+        def ready():
+            """The range (and the step before it) lies inside every GPU's data, most of it settled
+            phase data, and chat-4b's traffic has risen and fallen."""
+            before = prometheus.query(f"count(gpu_energy_joules_total offset {RANGE_SECONDS + 20:.0f}s)")
+            if not before or before[0]["value"][1] != "7":
+                return False
+            idle = prometheus.query("sum_over_time(instance_gpu_phase_service:gpu_phase_seconds:increase5s"
+                                    f'{{instance="{mixed_host}", gpu="3", phase="idle"}}[{RANGE}])')
+            settled = bool(idle) and float(idle[0]["value"][1]) >= 0.8 * RANGE_SECONDS
+            return settled and _rose_and_fell(_desired_gpus(prometheus, time.time() - 10))
+
+        wait_until(ready, 400, interval=5, what="a settled range and a rise and fall of chat-4b's traffic")
         end = time.time() - 10  # what remote write has surely delivered by the time it is checked
         vm_query = f"count_over_time(instance_gpu:gpu_observed_seconds:sum5s[{RANGE}])"
 
@@ -99,7 +110,7 @@ def fleet(tmp_path_factory):
             return ours and count(theirs) == count(ours)
 
         wait_until(delivered, 60, interval=2, what="VictoriaMetrics holding what Prometheus recorded")
-        yield {"prometheus": prometheus, "vm": vm, "end": end, "mixed": f"127.0.0.1:{mixed.metrics_port}",
+        yield {"prometheus": prometheus, "vm": vm, "end": end, "mixed": mixed_host,
                "cycle": f"127.0.0.1:{cycle.metrics_port}"}
 
 
@@ -209,15 +220,26 @@ def test_report_html_opens_offline_and_text_formats_render(fleet, tmp_path):
         assert "reclaim" in done.stdout.lower() or "unused" in done.stdout.lower()
 
 
-def test_scaling_signals_follow_traffic_up_and_down(fleet):
-    prometheus, end = fleet["prometheus"], fleet["end"]
+def _desired_gpus(prometheus: Prometheus, end: float) -> list[float]:
+    """chat-4b's desired GPU count every 2 s over the 200 s before end."""
     body = get_json(f"{prometheus.url}/api/v1/query_range?" + urlencode({
         "query": 'gpuphase:service_desired_gpus:rate20s{service="chat-4b"}', "start": f"{end - 200:.0f}",
         "end": f"{end:.0f}", "step": "2"}))
-    values = [float(v) for _, v in body["data"]["result"][0]["values"]]
+    result = body["data"]["result"]
+    return [float(v) for _, v in result[0]["values"]] if result else []
+
+
+def _rose_and_fell(values: list[float]) -> bool:
+    if not values:
+        return False
     peak = values.index(max(values))
-    assert max(values) >= 2, values
-    assert min(values[:peak]) <= 1 and min(values[peak:]) <= 1, values  # rose, then fell again
+    return max(values) >= 2 and min(values[:peak], default=99) <= 1 and min(values[peak:]) <= 1
+
+
+def test_scaling_signals_follow_traffic_up_and_down(fleet):
+    prometheus, end = fleet["prometheus"], fleet["end"]
+    values = _desired_gpus(prometheus, end)
+    assert _rose_and_fell(values), values  # low traffic: <= 1 GPU, high: >= 2, low again: <= 1
     assert prometheus.query('gpuphase:service_gpus:count{service="chat-4b"}')[0]["value"][1] == "2"
     idle_for = {r["metric"]["gpu"]: float(r["value"][1]) for r in prometheus.query(
         f'gpuphase:gpu_idle_for:seconds{{instance="{fleet["mixed"]}"}}')}
